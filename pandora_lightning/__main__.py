@@ -1,0 +1,3 @@
+from pandora_lightning.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Plain nn.Module components of the world model; none of them knows about Lightning."""

@@ -1,0 +1,82 @@
+"""LLM backbone: reads [video-state tokens, action text, query tokens] and returns the query states."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from pandora_lightning.models.loading import local_dir
+from pandora_lightning.models.tokenizer import build_word_tokenizer
+
+
+@dataclass
+class LLMConfig:
+    pretrained: str | None = None  # local transformers causal-LM dir with its tokenizer; null = tiny Llama
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    num_query_tokens: int = 8  # 64 in the reference
+    max_text_tokens: int = 32  # longer prompts are truncated from the left (the newest words survive)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"llm.hidden_size={self.hidden_size} is not divisible by llm.num_heads={self.num_heads}")
+        if self.num_query_tokens < 1 or self.max_text_tokens < 1:
+            raise ValueError("llm.num_query_tokens and llm.max_text_tokens must be >= 1")
+
+
+class LLMBackbone(nn.Module):
+    """(B, V, D) state embeddings + B texts -> (B, Q, D) last hidden states at the query tokens."""
+
+    def __init__(self, cfg: LLMConfig, tiny_corpus: Iterable[str] = ()):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.pretrained:
+            folder = local_dir(cfg.pretrained, "llm")
+            self.model = AutoModelForCausalLM.from_pretrained(folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        else:
+            self.tokenizer = build_word_tokenizer(tiny_corpus)
+            self.model = LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=len(self.tokenizer),
+                    hidden_size=cfg.hidden_size,
+                    intermediate_size=cfg.intermediate_size,
+                    num_hidden_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_heads,
+                    num_key_value_heads=cfg.num_heads,
+                    max_position_embeddings=256,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            )
+        self.tokenizer.truncation_side = "left"
+        self.hidden_size = self.model.config.hidden_size
+        self.query_tokens = nn.Parameter(torch.randn(cfg.num_query_tokens, self.hidden_size) * 0.02)
+
+    def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+        )
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def forward(self, state_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        b, v, _ = state_embeds.shape
+        ids, text_mask = self.tokenize(texts, state_embeds.device)
+        embed = self.model.get_input_embeddings()
+        queries = self.query_tokens.to(state_embeds.dtype).expand(b, -1, -1)
+        seq = torch.cat([state_embeds, embed(ids).to(state_embeds.dtype), queries], dim=1)
+        ones = text_mask.new_ones
+        mask = torch.cat([ones(b, v), text_mask, ones(b, queries.shape[1])], dim=1)
+        # Padding sits inside the text span; positions skip it so the queries always follow the
+        # last real word, whatever the text length.
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(
+            inputs_embeds=seq, attention_mask=mask, position_ids=positions, output_hidden_states=True, logits_to_keep=1
+        )
+        return out.hidden_states[-1][:, -queries.shape[1] :]

@@ -1,0 +1,112 @@
+"""The one LightningModule base that both stages share: build, freeze, loss, optimiser, checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from pandora_lightning import __version__
+from pandora_lightning.config import ConfigError, RecipeConfig, recipe_from_dict, recipe_to_dict
+from pandora_lightning.models.world_model import WorldModel
+from pandora_lightning.stages.trainable import add_lora, frozen_children, set_trainable, trainable_table
+from pandora_lightning.world.corpus import world_corpus
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """Read a pandora-lightning checkpoint, or raise an error that names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
+    meta = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt or "recipe" not in meta:
+        raise ConfigError(f"checkpoint '{path}' is not a pandora-lightning stage checkpoint (no recipe inside)")
+    return ckpt
+
+
+class WorldModelStage(L.LightningModule):
+    """Trains the WorldModel with the diffusion loss on (given frames, text) -> clip examples.
+
+    Subclasses name the stage and say which text of a sample steers the generator.
+    """
+
+    stage: ClassVar[str]
+    text_kind: ClassVar[str]  # "caption" or "action"
+
+    def __init__(self, recipe: dict):
+        super().__init__()
+        self.save_hyperparameters({"recipe": recipe, "stage": self.stage, "version": __version__})
+        self.recipe: RecipeConfig = recipe_from_dict(recipe)
+        self.model = WorldModel(self.recipe.model, tiny_corpus=world_corpus())
+        if self.recipe.lora.rank > 0:
+            add_lora(self.model.llm.model, self.recipe.lora)
+        self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
+        self._frozen = frozen_children(self.model)
+
+    @classmethod
+    def from_recipe(cls, recipe: RecipeConfig) -> WorldModelStage:
+        return cls(recipe_to_dict(recipe))
+
+    def train(self, mode: bool = True):
+        # Lightning puts the whole module in train mode each epoch; frozen parts stay in eval.
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"[{self.stage}] trainable / frozen parameters:\n{trainable_table(self.model)}")
+
+    def init_from(self, path: str | Path) -> None:
+        """Start from another checkpoint's model weights (instruct <- align); LoRA layers may be new."""
+        ckpt = load_checkpoint_file(path)
+        own = set(self.model.state_dict())
+        state = {}
+        for key, value in ckpt["state_dict"].items():
+            key = key.removeprefix("model.")
+            # peft moves a wrapped layer's weights under .base_layer
+            head, _, leaf = key.rpartition(".")
+            lora_key = f"{head}.base_layer.{leaf}"
+            state[lora_key if key not in own and lora_key in own else key] = value
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "lora_" not in k]
+        if missing or unexpected:
+            raise ConfigError(
+                f"checkpoint '{path}' (stage {ckpt['hyper_parameters'].get('stage')}) does not match this recipe's "
+                f"model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+
+    def diffusion_loss(self, batch: dict) -> torch.Tensor:
+        """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings -> MSE on the new frames."""
+        frames = batch["frames"].to(self.dtype) / 127.5 - 1
+        n = self.model.cond_frames
+        generator = self.model.generator
+        context = self.model.context(frames[:, :n], list(batch["text"]))
+        latents = generator.encode(frames)
+        noise = torch.randn_like(latents)
+        steps = generator.train_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        pred = generator.denoise(generator.add_noise(latents, noise, t), t, generator.condition(latents), context)
+        target = generator.training_target(latents, noise, t)
+        return F.mse_loss(pred[:, n:].float(), target[:, n:].float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.recipe.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
