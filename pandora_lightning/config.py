@@ -7,11 +7,11 @@ the file, the key and, for typos, the nearest valid keys.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pandora_lightning.models.world_model import WorldModelConfig
@@ -96,13 +96,13 @@ class RecipeConfig:
             self.run_dir = f"runs/{self.name}/{self.stage}"
 
 
-def _nearest_keys(schema: DictConfig, full_key: str) -> str:
-    parent, _, key = str(full_key).rpartition(".")
-    node = OmegaConf.select(schema, parent) if parent else schema
-    valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+def _nearest_keys(err: ConfigKeyError) -> str:
+    key = str(err.key)
+    schema = err.object_type
+    valid = [f.name for f in fields(schema)] if schema is not None and is_dataclass(schema) else []
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid keys here: {', '.join(valid)}"
-    return f"unknown key '{full_key}' ({hint})"
+    return f"unknown key '{err.full_key or key}' ({hint})"
 
 
 def load_structured(schema_cls: type[T], sources: list[Any], what: str) -> T:
@@ -126,7 +126,7 @@ def load_structured(schema_cls: type[T], sources: list[Any], what: str) -> T:
         merged = OmegaConf.merge(schema, *layers)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as err:
-        raise ConfigError(f"{what}: {_nearest_keys(schema, err.full_key or err.key)}") from None
+        raise ConfigError(f"{what}: {_nearest_keys(err)}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0]} (key '{err.full_key}')") from None
     except ValueError as err:

@@ -11,6 +11,7 @@ import glob
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from braceexpand import braceexpand
 from omegaconf import OmegaConf
@@ -36,7 +37,7 @@ class Manifest:
     name: str = "unnamed"
     root: str = "."
     sets: list[ShardSet] = field(default_factory=list)
-    path: str = ""  # where it was read from; filled in by load_manifest
+    path: ClassVar[str] = ""  # where it was read from; set by load_manifest
 
     def splits(self) -> list[str]:
         return sorted({s.split for s in self.sets})
@@ -95,8 +96,7 @@ def write_manifest(path: str | Path, name: str, shard_dir: str | Path, records: 
         root=str(root),
         sets=[ShardSet(r["split"], r["domain"], list(r["shards"]), 1.0, r["samples"]) for r in records],
     )
-    fields = {k: v for k, v in asdict(manifest).items() if k != "path"}
-    body = OmegaConf.to_yaml(fields)
+    body = OmegaConf.to_yaml(asdict(manifest))
     path.write_text(f"# Written by `pandora-lightning shards world`; shard names are relative to root.\n{body}")
     manifest.path = str(path)
     return manifest

@@ -6,6 +6,7 @@ models that concatenate the condition latents. The LLM side arrives as the cross
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def _tiny_unet(cfg: GeneratorConfig, channels: int) -> nn.Module:
 
 def _load_component(folder: Path, sub: str, registry: dict, what: str) -> nn.Module:
     path = local_dir(str(folder / sub), f"generator {what}")
-    class_name = DDPMScheduler.load_config(path).get("_class_name")
+    class_name = json.loads((path / "config.json").read_text()).get("_class_name")
     if class_name not in registry:
         raise ValueError(f"generator {what}: '{path}' holds a {class_name}; supported: {sorted(registry)}")
     return registry[class_name].from_pretrained(path)
@@ -145,10 +146,13 @@ class VideoGenerator(nn.Module):
         return frames.unflatten(0, (b, t)).clamp(-1, 1)
 
     def condition(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, h, w) -> the condition channels: given frames kept, the rest zero (+ a mask)."""
+        """(B, T, C, h, w) -> condition channels: the given frames, then the last given frame repeated (+ a mask).
+
+        Repeating the last state into every new position (as SVD repeats its image latent) lets
+        each output frame see the current state directly, so the UNet only has to learn the change.
+        """
         n = self.cfg.cond_frames
-        cond = torch.zeros_like(latents)
-        cond[:, :n] = latents[:, :n]
+        cond = torch.cat([latents[:, :n], latents[:, n - 1 : n].expand(-1, latents.shape[1] - n, -1, -1, -1)], dim=1)
         if self.mask_channel:
             mask = torch.zeros_like(latents[:, :, :1])
             mask[:, :n] = 1

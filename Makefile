@@ -1,0 +1,28 @@
+# `make demo` and `make test` each set up everything on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
+
+.PHONY: demo test bench install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch is named in the same pip command as everything else so pip keeps the CPU build.
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pandora_lightning demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pandora_lightning bench
+
+clean:
+	rm -rf runs data bench.json

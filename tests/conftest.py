@@ -1,0 +1,46 @@
+"""Shared fixtures: a small world written to a temporary folder and a tiny align checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pandora_lightning.config import load_recipe
+from pandora_lightning.data.manifest import write_manifest
+from pandora_lightning.data.world_shards import write_world_shards
+from pandora_lightning.train import fit
+from pandora_lightning.world import WorldConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.fixture(scope="session")
+def world_manifest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    records = write_world_shards(out / "shards", WorldConfig(), {"train": 8, "val": 2, "transfer": 2}, samples_per_shard=4)
+    return Path(write_manifest(out / "world.yaml", "world", out / "shards", records).path)
+
+
+def tiny_recipe(stage: str, manifest: Path, run_dir: Path, *overrides: str):
+    """The shipped tiny recipe, shrunk to a couple of CPU steps on the test world."""
+    return load_recipe(
+        RECIPES / "tiny" / f"{stage}.yaml",
+        [
+            f"data.manifest={manifest}",
+            f"run_dir={run_dir}",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.shuffle_buffer=4",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false",
+            "model.generator.num_inference_steps=2",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def align_checkpoint(world_manifest, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "align"
+    return fit(tiny_recipe("align", world_manifest, run_dir))

@@ -1,0 +1,62 @@
+"""The console script: generate, error messages, and the evaluation used by the demo."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from pandora_lightning.cli import main
+from pandora_lightning.data.dataset import iterate_split
+from pandora_lightning.data.manifest import load_manifest
+from pandora_lightning.evaluate import score_rounds
+from pandora_lightning.world import ActionFollowing
+
+
+def test_generate_writes_video_and_contact_sheet(align_checkpoint, tmp_path, capsys):
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "start.png")
+    code = main(["generate", str(align_checkpoint), "--image", str(tmp_path / "start.png"),
+                 "--actions", "move left", "grow", "--out", str(tmp_path / "out")])
+    assert code == 0
+    sheet = np.asarray(Image.open(tmp_path / "out" / "rollout.png"))
+    # One row per round, each its 2 given + 4 new frames, upscaled 4x with 2-px gaps.
+    assert sheet.shape == (2 + 2 * (128 + 2), 2 + 6 * (128 + 2), 3)
+    first = sheet[2:130, 2:130]
+    assert (first == 90).all(), "round 1 starts from the given image"
+    assert (tmp_path / "out" / "rollout.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--actions", " "], "--actions is empty"),
+        (["--actions", "move left", "--image", "{big}"], "is 48x48 but the model generates 32x32"),
+    ],
+)
+def test_generate_bad_input(align_checkpoint, tmp_path, capsys, args, message):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "start.png")
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / "big.png")
+    args = [a.replace("{big}", str(tmp_path / "big.png")) for a in args]
+    if "--image" not in args:
+        args += ["--image", str(tmp_path / "start.png")]
+    assert main(["generate", str(align_checkpoint), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fit_with_unknown_key_exits_with_message(capsys):
+    assert main(["fit", "recipes/tiny/align.yaml", "optim.learning_rate=1"]) == 2
+    assert "unknown key 'optim.learning_rate' (valid keys here: lr, weight_decay, warmup_steps)" in capsys.readouterr().err
+
+
+def test_ground_truth_rollouts_score_perfectly(world_manifest):
+    """The demo's scoring, fed the world's own videos, finds every action."""
+    tally = ActionFollowing()
+    for split in ("val", "transfer"):
+        for _, frames, meta in iterate_split(load_manifest(world_manifest), split):
+            score_rounds(frames, meta, cond_frames=2, new_frames=4, tally=tally)
+    assert sum(tally.total.values()) == 3 * (4 * 2 + 2)
+    assert tally.accuracy() == 1.0
+
+
+def test_frozen_video_scores_low(world_manifest):
+    tally = ActionFollowing()
+    for _, frames, meta in iterate_split(load_manifest(world_manifest), "val"):
+        score_rounds(np.repeat(frames[:1], len(frames), axis=0), meta, cond_frames=2, new_frames=4, tally=tally)
+    assert tally.accuracy() < 0.6

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from pandora_lightning.config import ConfigError, RecipeConfig, load_recipe, load_structured
+from pandora_lightning.data.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.stage == path.stem, "a recipe file is named after its stage"
+    assert recipe.run_dir == f"runs/{recipe.name}/{recipe.stage}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "data_manifests").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_manifest_loads(path):
+    manifest = load_manifest(path)
+    assert manifest.sets and {"train", "val"} <= set(manifest.splits())
+    assert all(s.samples > 0 and s.shards for s in manifest.sets)
+
+
+def test_override_wins_over_yaml():
+    recipe = load_recipe(ROOT / "recipes/tiny/align.yaml", ["trainer.max_steps=7", "model.llm.num_query_tokens=3"])
+    assert recipe.trainer.max_steps == 7 and recipe.model.llm.num_query_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_stepz=3", "unknown key 'trainer.max_stepz' (did you mean max_steps?)"),
+        ("modle.llm.hidden_size=8", "unknown key 'modle' (did you mean model?)"),
+        ("trainer.max_steps=many", "could not be converted to Integer (key 'trainer.max_steps')"),
+        ("stage=finetune", "stage='finetune' is unknown"),
+        ("model.generator.cond_frames=6", "cond_frames=6 must be in [1, generator.frames=6)"),
+        ("model.generator.block_out_channels=[48,64]", "multiple of 32"),
+        ("model.input_adapter.tokens_per_frame=5", "must be a square number"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(ROOT / "recipes/tiny/align.yaml", [override])
+    assert message in str(err.value)
+    assert "align.yaml" in str(err.value)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_structured(RecipeConfig, [["trainer.max_steps"]], "recipe")
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe("recipes/none/align.yaml")

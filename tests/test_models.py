@@ -1,0 +1,159 @@
+"""Components built from tiny configs and from local pretrained directories."""
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel, UNetSpatioTemporalConditionModel
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from pandora_lightning.config import ConfigError, load_recipe
+from pandora_lightning.models.generator import GeneratorConfig, VideoGenerator
+from pandora_lightning.models.llm import LLMBackbone, LLMConfig
+from pandora_lightning.models.tokenizer import build_word_tokenizer
+from pandora_lightning.models.world_model import WorldModel, WorldModelConfig
+from pandora_lightning.stages import AlignStage
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ["move left", "go right", "a red disc on a green meadow grows"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return WorldModel(WorldModelConfig(generator=GeneratorConfig(num_inference_steps=2)), CORPUS).eval()
+
+
+def test_context_shape(model):
+    frames = torch.rand(3, 2, 3, 32, 32) * 2 - 1
+    context = model.context(frames, ["move left", "go right", "grows"])
+    assert context.shape == (3, model.cfg.output_adapter.num_queries, model.generator.context_dim)
+
+
+def test_query_states_do_not_depend_on_padding(model):
+    state = torch.randn(1, 8, model.llm.hidden_size)
+    alone = model.llm(state, ["move left"])
+    padded = model.llm(state.expand(2, -1, -1), ["move left", "a red disc on a green meadow grows"])
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(padded[0], padded[1], atol=1e-3), "the text must reach the query states"
+
+
+def test_rollout_keeps_start_and_conditions_each_round(model):
+    start = torch.rand(2, 3, 32, 32) * 2 - 1
+    video = model.rollout(start, [["move left", "grows"], ["go right", "go right"]], seed=1)
+    assert video.shape == (2, 2 + 2 * 4, 3, 32, 32)
+    torch.testing.assert_close(video[:, 0], start)
+    torch.testing.assert_close(video[:, 1], start)
+    again = model.rollout(start, [["move left", "grows"], ["go right", "go right"]], seed=1)
+    torch.testing.assert_close(video, again)
+
+
+@pytest.mark.parametrize("actions", [[], [["move left"]]])
+def test_rollout_rejects_bad_action_lists(model, actions):
+    with pytest.raises(ValueError, match="one list of 2 action texts per round"):
+        model.rollout(torch.zeros(2, 3, 32, 32), actions)
+
+
+def test_generator_sample_returns_given_frames_first():
+    gen = VideoGenerator(GeneratorConfig(num_inference_steps=2)).eval()
+    given = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    clip = gen.sample(given, torch.randn(2, 8, 64))
+    assert clip.shape == (2, 6, 3, 32, 32)
+    torch.testing.assert_close(clip[:, :2], given)
+    assert clip.abs().max() <= 1
+
+
+def test_pixel_space_encode_decode_is_exact():
+    gen = VideoGenerator(GeneratorConfig())
+    frames = torch.rand(2, 6, 3, 32, 32) * 2 - 1
+    latents = gen.encode(frames)
+    assert latents.shape == (2, 6, 12, 16, 16)
+    torch.testing.assert_close(gen.decode(latents), frames)
+
+
+def test_missing_pretrained_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local directory.*no hub access"):
+        LLMBackbone(LLMConfig(pretrained="meta-llama/Llama-2-7b-chat-hf"))
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        VideoGenerator(GeneratorConfig(pretrained=str(tmp_path)))
+
+
+def _save_pretrained_dirs(root: Path) -> dict[str, Path]:
+    """Tiny random weights written in the transformers/diffusers formats a user with real weights has."""
+    torch.manual_seed(0)
+    SiglipVisionModel(
+        SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(root / "vision")
+    tokenizer = build_word_tokenizer(CORPUS)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    video = root / "video"
+    UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
+        cross_attention_dim=48, num_attention_heads=(2, 4), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+    ).save_pretrained(video / "unet")
+    AutoencoderKL(
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    ).save_pretrained(video / "vae")
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(video / "scheduler")
+    return {"vision": root / "vision", "llm": root / "llm", "video": video}
+
+
+def test_world_model_from_pretrained_dirs_through_a_recipe(tmp_path):
+    dirs = _save_pretrained_dirs(tmp_path)
+    recipe = load_recipe(
+        ROOT / "recipes/tiny/align.yaml",
+        [
+            f"model.vision.pretrained={dirs['vision']}",
+            f"model.llm.pretrained={dirs['llm']}",
+            f"model.generator.pretrained={dirs['video']}",
+            "model.generator.num_inference_steps=2",
+            "trainable=[input_adapter.*,output_adapter.*,llm.query_tokens]",
+        ],
+    )
+    stage = AlignStage.from_recipe(recipe)
+    model = stage.model
+    assert model.llm.hidden_size == 32 and model.vision.hidden_size == 32
+    assert model.generator.vae is not None and model.generator.channels == 4 and model.generator.mask_channel == 0
+    assert model.generator.context_dim == 48 and model.output_adapter.proj_out.out_features == 48
+    # Loaded, not re-initialised: the UNet weights equal the saved ones.
+    saved = UNetSpatioTemporalConditionModel.from_pretrained(dirs["video"] / "unet")
+    torch.testing.assert_close(model.generator.unet.conv_in.weight, saved.conv_in.weight)
+    batch = {"frames": torch.randint(0, 255, (2, 6, 3, 32, 32), dtype=torch.uint8), "text": ["move left", "go right"]}
+    loss = stage.diffusion_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.output_adapter.proj_out.weight.grad is not None and model.generator.unet.conv_in.weight.grad is None
+    video = model.rollout(torch.zeros(1, 3, 32, 32), [["move left"]])
+    assert video.shape == (1, 6, 3, 32, 32)
+
+
+def test_unet3d_generator_runs(tmp_path):
+    video = tmp_path / "video"
+    UNet3DConditionModel(
+        sample_size=16, in_channels=25, out_channels=12, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"), up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+    ).save_pretrained(video / "unet")
+    DDPMScheduler().save_pretrained(video / "scheduler")
+    gen = VideoGenerator(GeneratorConfig(pretrained=str(video), num_inference_steps=2))
+    assert gen.mask_channel == 1 and not gen.frames_first
+    clip = gen.sample(torch.zeros(1, 2, 3, 32, 32), torch.randn(1, 8, 64))
+    assert clip.shape == (1, 6, 3, 32, 32)
+
+
+def test_unet_with_wrong_channels_is_rejected(tmp_path):
+    video = tmp_path / "video"
+    UNet3DConditionModel(
+        sample_size=16, in_channels=5, out_channels=12, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"), up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+    ).save_pretrained(video / "unet")
+    DDPMScheduler().save_pretrained(video / "scheduler")
+    with pytest.raises(ValueError, match="takes 5 channels in"):
+        VideoGenerator(GeneratorConfig(pretrained=str(video)))

@@ -1,0 +1,82 @@
+"""The two stages: trainable sets, freezing, 2-step fits from shards, checkpoints."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from pandora_lightning.config import ConfigError, load_recipe
+from pandora_lightning.stages import STAGES, load_stage
+from pandora_lightning.train import fit
+from tests.conftest import tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_trainable_parameter_names_are_pinned(stage):
+    module = STAGES[stage].from_recipe(load_recipe(ROOT / f"recipes/tiny/{stage}.yaml"))
+    expected = (GOLDEN / f"trainable_{stage}.txt").read_text().split()
+    assert module.trainable_names == expected
+    actual = sorted(f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad)
+    assert actual == [f"model.{n}" for n in expected]
+    optimizer = module.configure_optimizers()["optimizer"]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in module.parameters() if p.requires_grad}
+
+
+def test_frozen_components_stay_in_eval_mode():
+    module = STAGES["align"].from_recipe(load_recipe(ROOT / "recipes/tiny/align.yaml"))
+    module.train()
+    assert not module.model.vision.training and not module.model.llm.model.training
+    assert module.model.generator.unet.training and module.model.output_adapter.training
+    assert all(not p.requires_grad for p in module.model.vision.parameters())
+
+
+def test_unknown_trainable_pattern_is_rejected():
+    recipe = load_recipe(ROOT / "recipes/tiny/align.yaml", ["trainable=[output_adaptor.*]"])
+    with pytest.raises(ConfigError, match=r"match no parameter.*output_adapter"):
+        STAGES["align"].from_recipe(recipe)
+
+
+def test_align_fit_writes_checkpoint_and_logs(align_checkpoint):
+    run_dir = align_checkpoint.parents[1]
+    assert align_checkpoint.is_file()
+    assert (run_dir / "recipe.yaml").is_file()
+    assert (run_dir / "trainable.txt").read_text().split() == (GOLDEN / "trainable_align.txt").read_text().split()
+    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    assert "train/loss" in metrics
+    module = load_stage(align_checkpoint)
+    assert module.stage == "align" and not module.training
+
+
+def test_instruct_starts_from_align_and_trains(world_manifest, align_checkpoint, tmp_path):
+    aligned = load_stage(align_checkpoint).model
+    recipe = tiny_recipe("instruct", world_manifest, tmp_path / "instruct", f"init_from={align_checkpoint}")
+    final = fit(recipe)
+    tuned = load_stage(final).model
+    assert tuned.llm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == recipe.lora.rank
+    # Frozen LLM base weights came from align unchanged; the trained generator moved.
+    torch.testing.assert_close(
+        tuned.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight, aligned.llm.model.model.layers[0].self_attn.q_proj.weight
+    )
+    torch.testing.assert_close(tuned.vision.tower.embeddings.patch_embedding.weight, aligned.vision.tower.embeddings.patch_embedding.weight)
+    assert not torch.equal(tuned.generator.unet.conv_in.weight, aligned.generator.unet.conv_in.weight)
+
+
+def test_init_from_a_mismatched_checkpoint_is_refused(world_manifest, align_checkpoint, tmp_path):
+    recipe = tiny_recipe("instruct", world_manifest, tmp_path / "i", "model.llm.num_layers=1")
+    module = STAGES["instruct"].from_recipe(recipe)
+    with pytest.raises(ConfigError, match="does not match this recipe's model"):
+        module.init_from(align_checkpoint)
+
+
+def test_bad_checkpoint_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_stage(tmp_path / "none.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="junk.ckpt' cannot be read"):
+        load_stage(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="not a pandora-lightning stage checkpoint"):
+        load_stage(tmp_path / "other.ckpt")
