@@ -24,10 +24,11 @@ def test_action_window_ends_given_frames_where_the_action_starts():
     decoder = ExampleDecoder("action", frames=6, cond_frames=2, counter=BadSampleCounter())
     for _ in range(10):
         example = decoder(sample)
-        span = next(a for a in episode.actions if a["text"] == example["text"])
-        expected = episode.frames[span["start"] - 2 : span["start"] + 4].transpose(0, 3, 1, 2)
         assert example["frames"].shape == (6, 3, 32, 32)
-        assert np.abs(example["frames"].numpy().astype(int) - expected).max() <= 2  # lossless codec, YUV rounding
+        got = example["frames"].numpy().astype(int)
+        # The text may occur twice in an episode; one of its spans must be the window.
+        windows = [episode.frames[a["start"] - 2 : a["start"] + 4].transpose(0, 3, 1, 2) for a in episode.actions if a["text"] == example["text"]]
+        assert min(np.abs(got - w).max() for w in windows) <= 2  # lossless codec, YUV rounding
 
 
 def test_caption_window_starts_at_frame_zero():

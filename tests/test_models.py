@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel, UNetSpatioTemporalConditionModel
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from pandora_lightning.config import ConfigError, load_recipe
+from pandora_lightning.config import load_recipe
 from pandora_lightning.models.generator import GeneratorConfig, VideoGenerator
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
 from pandora_lightning.models.tokenizer import build_word_tokenizer
@@ -133,27 +133,24 @@ def test_world_model_from_pretrained_dirs_through_a_recipe(tmp_path):
     assert video.shape == (1, 6, 3, 32, 32)
 
 
-def test_unet3d_generator_runs(tmp_path):
-    video = tmp_path / "video"
+def _save_unet3d(video: Path, in_channels: int) -> None:
     UNet3DConditionModel(
-        sample_size=16, in_channels=25, out_channels=12, block_out_channels=(32, 32), layers_per_block=1,
+        sample_size=16, in_channels=in_channels, out_channels=12, block_out_channels=(32, 32), layers_per_block=1,
         down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"), up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
     ).save_pretrained(video / "unet")
     DDPMScheduler().save_pretrained(video / "scheduler")
-    gen = VideoGenerator(GeneratorConfig(pretrained=str(video), num_inference_steps=2))
+
+
+def test_unet3d_generator_runs(tmp_path):
+    _save_unet3d(tmp_path, in_channels=25)  # 12 noisy + 12 condition + 1 mask
+    gen = VideoGenerator(GeneratorConfig(pretrained=str(tmp_path), num_inference_steps=2))
     assert gen.mask_channel == 1 and not gen.frames_first
     clip = gen.sample(torch.zeros(1, 2, 3, 32, 32), torch.randn(1, 8, 64))
     assert clip.shape == (1, 6, 3, 32, 32)
 
 
 def test_unet_with_wrong_channels_is_rejected(tmp_path):
-    video = tmp_path / "video"
-    UNet3DConditionModel(
-        sample_size=16, in_channels=5, out_channels=12, block_out_channels=(32, 32), layers_per_block=1,
-        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"), up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(video / "unet")
-    DDPMScheduler().save_pretrained(video / "scheduler")
+    _save_unet3d(tmp_path, in_channels=5)
     with pytest.raises(ValueError, match="takes 5 channels in"):
-        VideoGenerator(GeneratorConfig(pretrained=str(video)))
+        VideoGenerator(GeneratorConfig(pretrained=str(tmp_path)))

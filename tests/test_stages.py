@@ -28,8 +28,11 @@ def test_trainable_parameter_names_are_pinned(stage):
 def test_frozen_components_stay_in_eval_mode():
     module = STAGES["align"].from_recipe(load_recipe(ROOT / "recipes/tiny/align.yaml"))
     module.train()
-    assert not module.model.vision.training and not module.model.llm.model.training
-    assert module.model.generator.unet.training and module.model.output_adapter.training
+    assert not module.model.vision.training and not module.model.vision.tower.encoder.training
+    assert module.model.llm.model.training and module.model.generator.unet.training
+    instruct = STAGES["instruct"].from_recipe(load_recipe(ROOT / "recipes/tiny/instruct.yaml")).train()
+    embed = instruct.model.llm.model.get_input_embeddings()  # LoRA trains beside the frozen base
+    assert not embed.training and not embed.weight.requires_grad and instruct.model.llm.model.training
     assert all(not p.requires_grad for p in module.model.vision.parameters())
 
 

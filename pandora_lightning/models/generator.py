@@ -43,12 +43,19 @@ class GeneratorConfig:
     attention_head_dim: int = 16
     cross_attention_dim: int = 64  # 1024 in the reference
     prediction_type: str = "v_prediction"
+    # Diffuse the change from the last given frame instead of the frames themselves (as residual
+    # video diffusion does): a static background is then exactly zero and the tiny model only has
+    # to draw what moves. None = on for the tiny generator, off for pretrained UNets (which were
+    # trained on whole latents).
+    residual: bool | None = None
     beta_schedule: str = "squaredcos_cap_v2"
     num_inference_steps: int = 20
     # SVD micro-conditioning (fps - 1, motion bucket id, noise augmentation strength).
     added_time_ids: list[float] = field(default_factory=lambda: [7.0, 127.0, 0.02])
 
     def __post_init__(self):
+        if self.residual is None:
+            self.residual = self.pretrained is None
         if not 0 < self.cond_frames < self.frames:
             raise ValueError(f"generator.cond_frames={self.cond_frames} must be in [1, generator.frames={self.frames})")
         if self.pretrained is None:
@@ -169,13 +176,26 @@ class VideoGenerator(nn.Module):
         out = self.unet(sample.transpose(1, 2).to(self.unet.dtype), timesteps, context).sample
         return out.transpose(1, 2)
 
-    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def anchor(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the diffused signal is relative to: the last given frame (residual mode) or nothing."""
+        if not self.cfg.residual:
+            return torch.zeros_like(latents[:, :1])
+        return latents[:, self.cfg.cond_frames - 1 : self.cfg.cond_frames]
+
+    def prepare(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip (B, T, 3, H, W) -> (clean diffusion target x0, condition channels), both (B, T, ., h, w)."""
+        latents = self.encode(frames)
+        return latents - self.anchor(latents), self.condition(latents)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.train_scheduler.config.prediction_type == "v_prediction":
-            return self.train_scheduler.get_velocity(latents, noise, timesteps)
+            return self.train_scheduler.get_velocity(x0, noise, timesteps)
+        if self.train_scheduler.config.prediction_type == "sample":
+            return x0
         return noise
 
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.train_scheduler.add_noise(latents, noise, timesteps)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.train_scheduler.add_noise(x0, noise, timesteps)
 
     @torch.no_grad()
     def sample(self, given: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -183,15 +203,16 @@ class VideoGenerator(nn.Module):
         b, n = given.shape[:2]
         known = self.encode(given)
         shape = (b, self.cfg.frames, *known.shape[2:])
-        padded = torch.zeros(shape, dtype=known.dtype, device=known.device)
-        padded[:, :n] = known
+        # Only the first n positions are read by `condition` and `anchor`.
+        padded = torch.cat([known, known.new_zeros(b, self.cfg.frames - n, *known.shape[2:])], dim=1)
         cond = self.condition(padded)
-        latents = torch.randn(shape, generator=generator, device="cpu", dtype=known.dtype).to(known.device)
+        x = torch.randn(shape, generator=generator, device="cpu", dtype=known.dtype).to(known.device)
         scheduler = self.sample_scheduler
         scheduler.set_timesteps(self.cfg.num_inference_steps, device=known.device)
         for t in scheduler.timesteps:
-            out = self.denoise(latents, t.expand(b), cond, context).to(latents.dtype)
-            latents = scheduler.step(out, t, latents).prev_sample
+            out = self.denoise(x, t.expand(b), cond, context).to(x.dtype)
+            x = scheduler.step(out, t, x).prev_sample
+        latents = x + self.anchor(padded)
         latents[:, :n] = known
         clip = self.decode(latents)
         clip[:, :n] = given

@@ -30,6 +30,10 @@ class InputAdapter(nn.Module):
         self.side = math.isqrt(cfg.tokens_per_frame)
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        # Zero-initialised output (as in ControlNet / LLaMA-Adapter): the LLM starts by reading the
+        # text alone, and the video state's share grows only as far as it helps the loss.
+        nn.init.zeros_(self.proj[-1].weight)
+        nn.init.zeros_(self.proj[-1].bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         b, t, p, d = patches.shape

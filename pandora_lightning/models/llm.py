@@ -21,8 +21,13 @@ class LLMConfig:
     intermediate_size: int = 128
     num_query_tokens: int = 8  # 64 in the reference
     max_text_tokens: int = 32  # longer prompts are truncated from the left (the newest words survive)
+    # Tiny-config init std; None = hidden_size ** -0.5 (0.02 at width 64 leaves a near-identity
+    # network whose query states hardly depend on the text).
+    initializer_range: float | None = None
 
     def __post_init__(self):
+        if self.initializer_range is None:
+            self.initializer_range = self.hidden_size**-0.5
         if self.hidden_size % self.num_heads:
             raise ValueError(f"llm.hidden_size={self.hidden_size} is not divisible by llm.num_heads={self.num_heads}")
         if self.num_query_tokens < 1 or self.max_text_tokens < 1:
@@ -53,11 +58,15 @@ class LLMBackbone(nn.Module):
                     num_key_value_heads=cfg.num_heads,
                     max_position_embeddings=256,
                     pad_token_id=self.tokenizer.pad_token_id,
+                    initializer_range=cfg.initializer_range,
                 )
             )
         self.tokenizer.truncation_side = "left"
         self.hidden_size = self.model.config.hidden_size
-        self.query_tokens = nn.Parameter(torch.randn(cfg.num_query_tokens, self.hidden_size) * 0.02)
+        # Zero-initialised queries start as pure readers of the prompt: their hidden states are
+        # then all attention output (text and state), not their own embedding; RoPE positions
+        # keep them apart until training separates them.
+        self.query_tokens = nn.Parameter(torch.zeros(cfg.num_query_tokens, self.hidden_size))
 
     def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(

@@ -90,12 +90,12 @@ class WorldModelStage(L.LightningModule):
         n = self.model.cond_frames
         generator = self.model.generator
         context = self.model.context(frames[:, :n], list(batch["text"]))
-        latents = generator.encode(frames)
-        noise = torch.randn_like(latents)
+        x0, cond = generator.prepare(frames)
+        noise = torch.randn_like(x0)
         steps = generator.train_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
-        pred = generator.denoise(generator.add_noise(latents, noise, t), t, generator.condition(latents), context)
-        target = generator.training_target(latents, noise, t)
+        t = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
+        pred = generator.denoise(generator.add_noise(x0, noise, t), t, cond, context)
+        target = generator.training_target(x0, noise, t)
         return F.mse_loss(pred[:, n:].float(), target[:, n:].float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -22,13 +22,15 @@ import numpy as np
 
 RGB = tuple[int, int, int]
 
+# Phrasings of one action share its key word: the tiny LLM is random, so it learns each word's
+# meaning from the data alone; synonyms without a shared word are for pretrained LLMs.
 ACTIONS: dict[str, tuple[str, ...]] = {
-    "move_left": ("move left", "go left", "slide to the left", "head left", "shift leftward"),
-    "move_right": ("move right", "go right", "slide to the right", "head right", "shift rightward"),
-    "move_up": ("move up", "go up", "rise", "float upward", "climb up"),
-    "move_down": ("move down", "go down", "sink", "drop downward", "descend"),
-    "grow": ("grow", "get bigger", "expand", "grow larger", "swell up"),
-    "shrink": ("shrink", "get smaller", "contract", "become smaller", "shrink down"),
+    "move_left": ("move left", "go left", "slide to the left", "head left"),
+    "move_right": ("move right", "go right", "slide to the right", "head right"),
+    "move_up": ("move up", "go up", "climb up", "float up"),
+    "move_down": ("move down", "go down", "drop down", "sink down"),
+    "grow": ("grow", "grow larger", "grow bigger", "now grow"),
+    "shrink": ("shrink", "shrink smaller", "shrink a bit", "now shrink"),
 }
 
 # Third-person verb phrases used to write episode captions.
