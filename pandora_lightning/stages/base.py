@@ -25,8 +25,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
         raise ConfigError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
-    meta = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "state_dict" not in ckpt or "recipe" not in meta:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "recipe" not in ckpt.get("hyper_parameters", {}):
         raise ConfigError(f"checkpoint '{path}' is not a pandora-lightning stage checkpoint (no recipe inside)")
     return ckpt
 
