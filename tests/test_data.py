@@ -1,6 +1,4 @@
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from pandora_lightning.config import ConfigError
 from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, TooManyBadSamples, training_stream
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.data.video import encode_mp4
-from pandora_lightning.world import WorldConfig, get_domain, sample_episode
+from pandora_lightning.world import WorldConfig, sample_episode
 
 
 def _episode_sample(key="k0"):

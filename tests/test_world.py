@@ -14,7 +14,6 @@ from pandora_lightning.world import (
     TRANSFER_DOMAIN,
     TRANSFER_HELD_OUT,
     ActionFollowing,
-    Domain,
     ObjectState,
     WorldConfig,
     classify_episode,
