@@ -1,7 +1,6 @@
 """Roll the model out from held-out world start states and score action following per domain."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +42,7 @@ def evaluate_split(
     into out_dir when given.
     """
     tally = ActionFollowing()
-    episodes, per_domain = [], Counter()
-    for key, frames, meta in iterate_split(manifest, split):
-        if per_domain[meta["domain"]] < limit:
-            per_domain[meta["domain"]] += 1
-            episodes.append((key, frames, meta))
+    episodes = list(iterate_split(manifest, split, per_domain=limit))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     cond, new = model.cond_frames, model.new_frames

@@ -55,6 +55,11 @@ def test_ground_truth_rollouts_score_perfectly(world_manifest):
     assert tally.accuracy() == 1.0
 
 
+def test_iterate_split_limits_each_domain(world_manifest):
+    keys = [key for key, _, _ in iterate_split(load_manifest(world_manifest), "val", per_domain=1)]
+    assert len(keys) == 4 and len({k.split("-")[1] for k in keys}) == 4
+
+
 def test_frozen_video_scores_low(world_manifest):
     tally = ActionFollowing()
     for _, frames, meta in iterate_split(load_manifest(world_manifest), "val"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,8 +109,13 @@ def training_stream(
     return streams[0] if len(streams) == 1 else wds.RandomMix(streams, weights)
 
 
-def iterate_split(manifest: Manifest, split: str):
-    """Every raw sample of a split once, in manifest order: (key, frames (T, H, W, 3) uint8, meta)."""
+def iterate_split(manifest: Manifest, split: str, per_domain: int | None = None):
+    """A split's raw samples in manifest order, at most `per_domain` of each domain:
+    (key, frames (T, H, W, 3) uint8, meta). Samples past a domain's limit are not decoded."""
+    seen: Counter[str] = Counter()
     for shard_set in manifest.sets_for(split):
         for sample in wds.WebDataset(manifest.urls(shard_set), shardshuffle=False, empty_check=False):
-            yield sample["__key__"], decode_mp4(sample["mp4"]), json.loads(sample["json"])
+            meta = json.loads(sample["json"])
+            seen[meta.get("domain", "")] += 1
+            if per_domain is None or seen[meta.get("domain", "")] <= per_domain:
+                yield sample["__key__"], decode_mp4(sample["mp4"]), meta

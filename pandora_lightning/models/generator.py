@@ -42,6 +42,7 @@ class GeneratorConfig:
     layers_per_block: int = 1
     attention_head_dim: int = 16
     cross_attention_dim: int = 64  # 1024 in the reference
+    # Noise schedule of the tiny generator; a pretrained one uses its own scheduler/ config instead.
     prediction_type: str = "v_prediction"
     # Diffuse the change from the last given frame instead of the frames themselves (as residual
     # video diffusion does): a static background is then exactly zero and the tiny model only has
