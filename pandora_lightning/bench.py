@@ -1,4 +1,5 @@
-"""`make bench`: one training step through the Lightning stage vs the same step in a plain PyTorch loop.
+"""`make bench`: one training step through the Lightning stage vs the same step in a plain PyTorch loop,
+and the data path (shard loader vs per-file loaders, `shards build` throughput; see data/benchmark.py).
 
 Both runs use the same recipe, the same initial weights, the same in-memory batches and the same
 optimiser and schedule; only the loop around `diffusion_loss` differs. Steps are timed end to end
@@ -66,7 +67,30 @@ def _step_seconds(ends: list[float]) -> float:
     return statistics.median(b - a for a, b in zip(ends[WARMUP:], ends[WARMUP + 1 :]))
 
 
-def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2) -> dict:
+def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2, parts: tuple[str, ...] = ("train", "data")) -> dict:
+    result = _train_bench(recipe_path, steps, repeats) if "train" in parts else {}
+    if "data" in parts:
+        from pandora_lightning.data.benchmark import run_data_bench
+
+        result["data"] = run_data_bench()
+        _print_data(result["data"])
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _print_data(data: dict) -> None:
+    print("\n=== bench: data loaders, samples/s (%s, batch %d) ===" % (data["example"], data["batch_size"]))
+    print(f"{'workers':>8} {'shards':>10} {'files (usual)':>14} {'files (same decoder)':>21} {'shards/usual':>13} {'shards/same':>12}")
+    for workers in (0, 2):
+        f = data[f"workers_{workers}"]
+        print(f"{workers:>8} {f['shards']:>10} {f['files_usual']:>14} {f['files_same_decoder']:>21} "
+              f"{f['shards_over_files_usual']:>13} {f['shards_over_files_same_decoder']:>12}")
+    b = data["build"]
+    print(f"shards build: {b['clips']} clips from {b['videos']} videos ({b['source']}) in {b['seconds']} s "
+          f"with {b['workers']} workers = {b['clips_per_s']} clips/s")
+
+
+def _train_bench(recipe_path: str, steps: int, repeats: int) -> dict:
     build_world()
     recipe = load_recipe(recipe_path, ["init_from=null", "run_dir=runs/bench", "data.num_workers=0"])
     batches = list(islice(iter(train_loader(recipe, STAGES[recipe.stage].text_kind)), steps + WARMUP + 1))
@@ -87,7 +111,6 @@ def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2) -> dict
         "lightning_samples_per_s": round(batch / lightning_s, 2),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n=== bench: Lightning stage vs plain PyTorch loop (median step, best of %d) ===" % repeats)
     for key, value in result.items():
         print(f"{key:>24}: {value}")

@@ -1,8 +1,10 @@
-"""`pandora-lightning` (also `python -m pandora_lightning`): fit, generate, shards, demo, bench."""
+"""`pandora-lightning` (also `python -m pandora_lightning`): fit, generate, score, shards, demo, bench."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +38,70 @@ def _shards_world(args) -> None:
           f"under {args.out}; manifest {manifest.path}")
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    try:
+        return int(height), int(width or height)
+    except ValueError:
+        raise ConfigError(f"--size must look like 32 or 320x512 (height x width), got '{text}'") from None
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "b": 1}
+    lowered = text.lower().strip()
+    unit = next((u for u in units if lowered.endswith(u)), "")
+    try:
+        return int(float(lowered.removesuffix(unit) if unit else lowered) * units.get(unit, 1))
+    except ValueError:
+        raise ConfigError(f"--shard-size must look like 256MB, 1GB or a byte count, got '{text}'") from None
+
+
+def _shards_build(args) -> None:
+    from pandora_lightning.data.build import BuildSettings, build_shards
+
+    size, frames = args.size, args.frames
+    if args.recipe:
+        from pandora_lightning.config import load_recipe
+
+        gen = load_recipe(args.recipe).model.generator
+        size, frames = size or str(gen.image_size), frames or gen.frames
+    settings = BuildSettings(
+        frames=frames or 16, fps=args.fps, size=_parse_size(size or "32"), stride=args.stride,
+        max_clips=args.max_clips, shard_bytes=_parse_bytes(args.shard_size), domain=args.domain,
+    )
+    summary = build_shards(args.index, args.out, settings, args.workers, args.manifest, args.name, not args.quiet)
+    print(f"{summary['clips_written']} clips from {summary['rows'] - summary['rows_already_done'] - summary['errors']} videos "
+          f"in {summary['seconds']} s ({summary['clips_per_s']} clips/s); {summary['rows_already_done']} videos were already "
+          f"in finished shards; {summary['samples']} samples in {summary['shards']} shards under {args.out}")
+    if summary["errors"]:
+        print(f"{summary['errors']} videos could not be used: see {Path(args.out) / 'errors.jsonl'}")
+    print(f"index {Path(args.out) / 'index.jsonl'}; manifest {summary['manifest']}")
+
+
+def _shards_inspect(args) -> None:
+    from pandora_lightning.data.checks import format_table, inspect_shards
+
+    report = inspect_shards(args.sources, args.split, args.sheet, args.samples, seed=args.seed)
+    print(format_table(report))
+    print(f"{report['samples']} samples")
+    for url, key, why in report["unreadable"]:
+        print(f"unreadable: {url}:{key}: {why}")
+    if report.get("sheet"):
+        print(f"contact sheet {report['sheet']}, one row per sample:\n  " + "\n  ".join(report["sheet_keys"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _shards_verify(args) -> int:
+    from pandora_lightning.data.checks import verify_shards
+
+    report = verify_shards(args.sources, args.split, args.min_frames, args.workers, not args.quiet)
+    for url, key, why in report["corrupt"]:
+        print(f"corrupt: {url}:{key}: {why}")
+    print(f"{report['samples']} samples in {report['shards']} shards: {len(report['corrupt'])} corrupt")
+    return 1 if report["corrupt"] else 0
+
+
 def _demo(args) -> None:
     from pandora_lightning.demo import run_demo
 
@@ -45,7 +111,25 @@ def _demo(args) -> None:
 def _bench(args) -> None:
     from pandora_lightning.bench import run_bench
 
-    run_bench(args.recipe, args.steps, Path(args.out))
+    run_bench(args.recipe, args.steps, Path(args.out), parts=(args.only,) if args.only else ("train", "data"))
+
+
+def _score(args) -> None:
+    from pandora_lightning.score import ScoreConfig, load_score_config, print_scores, run_score
+
+    # Lightning names checkpoints like epoch=0-step=500.ckpt, so '=' alone does not make an override.
+    keys = set(ScoreConfig.__dataclass_fields__)
+    overrides = [a for a in args.args if a.split("=", 1)[0] in keys
+                 or ("=" in a and not a.endswith(".ckpt") and not Path(a).exists())]
+    checkpoints = [a for a in args.args if a not in overrides]
+    if len(checkpoints) > 1:
+        raise ConfigError(f"score takes one checkpoint, got {checkpoints}")
+    flags = ("manifest", "splits", "per_domain", "batch_size", "seed", "fvd_detector", "fvd_feature_dim", "clip_model", "out",
+             "save_videos", "num_inference_steps")
+    values = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    if checkpoints:
+        values["checkpoint"] = checkpoints[0]
+    print_scores(run_score(load_score_config(args.recipe, overrides, values)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,16 +163,67 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.set_defaults(run=_shards_world)
 
+    b = kinds.add_parser("build", help="cut, resize and re-encode a folder of videos (JSONL/CSV index) into shards")
+    b.add_argument("index", help="JSONL or CSV: video, caption, actions, domain, split, start, end, key")
+    b.add_argument("--out", required=True, help="folder for the shards, index.jsonl, errors.jsonl and build.json")
+    b.add_argument("--manifest", help="manifest to write (default <out>/manifest.yaml)")
+    b.add_argument("--name", help="manifest name (default: the out folder's name)")
+    b.add_argument("--recipe", help="take --size and --frames from this recipe's generator")
+    b.add_argument("--size", help="clip size, 32 or HxW like 320x512 (default 32)")
+    b.add_argument("--frames", type=int, help="frames per clip (default 16)")
+    b.add_argument("--fps", type=float, default=8.0)
+    b.add_argument("--stride", type=int, default=0, help="frames between clip starts (default: clips back to back)")
+    b.add_argument("--max-clips", type=int, default=0, help="clips per video at most (0: all)")
+    b.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB")
+    b.add_argument("--domain", default="default", help="domain of rows that name none")
+    b.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes cutting videos")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(run=_shards_build)
+
+    i = kinds.add_parser("inspect", help="counts, durations and domains of shards, and a contact sheet of random samples")
+    i.add_argument("sources", nargs="+", help="a manifest .yaml, a folder of .tar shards, or shard files")
+    i.add_argument("--split", help="only this split of a manifest")
+    i.add_argument("--sheet", help="write a contact sheet PNG of random samples here")
+    i.add_argument("--samples", type=int, default=8, help="samples on the contact sheet")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--json", help="also write the report as JSON")
+    i.set_defaults(run=_shards_inspect)
+
+    v = kinds.add_parser("verify", help="decode every sample; list the corrupt ones (exit status 1 if any)")
+    v.add_argument("sources", nargs="+", help="a manifest .yaml, a folder of .tar shards, or shard files")
+    v.add_argument("--split", help="only this split of a manifest")
+    v.add_argument("--min-frames", type=int, default=1, help="a clip with fewer frames is corrupt")
+    v.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(run=_shards_verify)
+
     p = verbs.add_parser("demo", help="world shards -> align -> instruct -> multi-round rollouts + accuracy")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     p.set_defaults(run=_demo)
 
-    p = verbs.add_parser("bench", help="Lightning step vs a plain PyTorch loop on the same model and batches")
+    p = verbs.add_parser("bench", help="Lightning step vs a plain PyTorch loop; shard vs per-file loaders; shards build speed")
     p.add_argument("--recipe", default="recipes/tiny/instruct.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--only", choices=["train", "data"], help="only the training-step or only the data-path figures")
     p.set_defaults(run=_bench)
+
+    p = verbs.add_parser("score", help="roll a checkpoint out on held-out samples; write scores.json, scores.md, plots")
+    p.add_argument("args", nargs="*", metavar="CHECKPOINT | key=value", help="the checkpoint, then score-recipe overrides")
+    p.add_argument("--recipe", help="a score recipe, e.g. recipes/tiny/score.yaml")
+    p.add_argument("--manifest", help="data manifest (default data_manifests/world.yaml)")
+    p.add_argument("--split", dest="splits", action="append", help="split to score (repeatable; default: every non-train split)")
+    p.add_argument("--per-domain", type=int, help="episodes per domain and split (0 = all; default 16)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--fvd-detector", help="TorchScript I3D file; FVD is skipped without it")
+    p.add_argument("--fvd-feature-dim", type=int, help="features the detector gives per clip (I3D: 400)")
+    p.add_argument("--clip-model", help="local CLIP directory (save_pretrained); clip_score is skipped without it")
+    p.add_argument("--out", help="output folder (default <run folder>/scores/<checkpoint name>)")
+    p.add_argument("--save-videos", action="store_true", default=None, help="also write an mp4 per rollout")
+    p.add_argument("--num-inference-steps", type=int, help="sampler steps per round (default: the checkpoint's)")
+    p.set_defaults(run=_score)
     return parser
 
 
@@ -100,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pandora_lightning").addHandler(handler)
     logging.getLogger("pandora_lightning").setLevel(logging.INFO)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0

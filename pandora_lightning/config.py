@@ -32,10 +32,11 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 128
     max_bad_fraction: float = 0.05  # stop the run when more than this share of samples is corrupt
+    epoch_samples: int = 0  # samples an epoch over the whole job; 0 = the split's sample count in the manifest
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if self.batch_size < 1 or self.num_workers < 0 or self.epoch_samples < 0:
+            raise ValueError("data.batch_size must be >= 1, data.num_workers and data.epoch_samples >= 0")
 
 
 @dataclass
@@ -68,10 +69,32 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 500
     logger: str = "csv"  # csv | tensorboard | none
     progress_bar: bool = True
+    # Checkpoint to resume the whole training state from (weights, optimiser, step, data position,
+    # random state); "last" = this run's checkpoints/last.ckpt.
+    resume_from: str | None = None
 
     def __post_init__(self):
         if self.logger not in ("csv", "tensorboard", "none"):
             raise ValueError(f"trainer.logger='{self.logger}' is unknown; use csv, tensorboard or none")
+
+
+@dataclass
+class EvalConfig:
+    """Scoring during fit: the `score` metrics on held-out rollouts, logged every N steps (0 = off)."""
+
+    every_n_steps: int = 0
+    manifest: str | None = None  # default: data.manifest
+    split: str = "val"
+    per_domain: int = 2  # held-out episodes per domain
+    batch_size: int = 8
+    seed: int = 0
+    fvd_detector: str | None = None  # TorchScript I3D file; FVD is skipped without it
+    fvd_feature_dim: int = 400
+    clip_model: str | None = None  # local CLIP directory; text-video similarity is skipped without it
+
+    def __post_init__(self):
+        if self.every_n_steps < 0 or self.per_domain < 1 or self.batch_size < 1:
+            raise ValueError("eval.every_n_steps must be >= 0, eval.per_domain and eval.batch_size >= 1")
 
 
 @dataclass
@@ -88,6 +111,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if self.stage not in STAGE_NAMES:

@@ -55,8 +55,9 @@ def run_demo(run_dir: Path, quick: bool = False) -> dict:
     manifest = load_manifest(MANIFEST)
     results = {}
     for split in ("val", "transfer"):
-        tally = evaluate_split(model, manifest, split, limit=2 if quick else 16, batch_size=32, out_dir=run_dir / "rollouts")
-        results[split] = {"overall": tally.accuracy(), "per_domain": tally.per_domain(), "rounds": sum(tally.total.values())}
+        metric = evaluate_split(model, manifest, split, limit=2 if quick else 16, batch_size=32, out_dir=run_dir / "rollouts")
+        report = metric.report()["action_following"]
+        results[split] = {"overall": report["overall"], "per_domain": report["per_domain"], "rounds": report["count"]}
     timings["rollouts_s"] = round(time.time() - t0, 1)
     summary = {
         "action_following": {

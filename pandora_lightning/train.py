@@ -7,23 +7,19 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
 from pandora_lightning.config import ConfigError, RecipeConfig
-from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, training_stream
+from pandora_lightning.data.loader import ShardLoader, training_loader
 from pandora_lightning.data.manifest import load_manifest
+from pandora_lightning.data.monitor import DataMonitor, RandomState
 from pandora_lightning.stages import STAGES, WorldModelStage
 
 
-def train_loader(recipe: RecipeConfig, text_kind: str) -> DataLoader:
-    data = recipe.data
+def train_loader(recipe: RecipeConfig, text_kind: str) -> ShardLoader:
+    """Split, mixed, resumable shard batches (see pandora_lightning/data/loader.py and stream.py)."""
     gen = recipe.model.generator
-    counter = BadSampleCounter(data.max_bad_fraction)
-    decoder = ExampleDecoder(text_kind, gen.frames, gen.cond_frames, counter)
-    stream = training_stream(load_manifest(data.manifest), data.split, decoder, data.shuffle_buffer, recipe.seed)
-    return DataLoader(
-        stream, batch_size=data.batch_size, num_workers=data.num_workers, persistent_workers=data.num_workers > 0
-    )
+    manifest = load_manifest(recipe.data.manifest)
+    return training_loader(manifest, recipe.data, text_kind, gen.frames, gen.cond_frames, gen.image_size, recipe.seed)
 
 
 def _logger(recipe: RecipeConfig, run_dir: Path):
@@ -35,6 +31,15 @@ def _logger(recipe: RecipeConfig, run_dir: Path):
         except ModuleNotFoundError:
             raise ConfigError("trainer.logger=tensorboard needs `pip install tensorboard`; or use trainer.logger=csv") from None
     return False
+
+
+def score_callbacks(recipe: RecipeConfig) -> list[L.Callback]:
+    """The fit-time scoring callback when the recipe's eval block turns it on."""
+    if recipe.eval.every_n_steps <= 0:
+        return []
+    from pandora_lightning.stages.scoring import ScoreCallback
+
+    return [ScoreCallback(recipe.eval, recipe.data.manifest)]
 
 
 def build_trainer(recipe: RecipeConfig, run_dir: Path, **overrides) -> L.Trainer:
@@ -52,7 +57,7 @@ def build_trainer(recipe: RecipeConfig, run_dir: Path, **overrides) -> L.Trainer
         gradient_clip_val=cfg.gradient_clip_val or None,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=_logger(recipe, run_dir),
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, DataMonitor(), RandomState(), *score_callbacks(recipe)],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         default_root_dir=run_dir,
@@ -75,7 +80,7 @@ def fit(recipe: RecipeConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(recipe), run_dir / "recipe.yaml")
         (run_dir / "trainable.txt").write_text("\n".join(module.trainable_names) + "\n")
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=recipe.trainer.resume_from)
     final = run_dir / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(final)
     return final

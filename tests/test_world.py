@@ -13,7 +13,6 @@ from pandora_lightning.world import (
     DOMAINS,
     TRANSFER_DOMAIN,
     TRANSFER_HELD_OUT,
-    ActionFollowing,
     ObjectState,
     WorldConfig,
     classify_episode,
@@ -360,19 +359,15 @@ def test_classify_round_returns_none_when_object_missing():
         classify_round(clip[:2], d, SIZE, 2)
 
 
-def test_classify_episode_and_action_following():
-    metric = ActionFollowing()
+def test_classify_episode_finds_every_action():
+    # The action-following metric over rollouts is tested in test_metrics.py.
+    found = {}
     for ep in _episodes(3, seed=16):
         d = DOMAINS[ep.domain]
         preds = classify_episode(
             ep.frames, d, SIZE, ep.actions, lambda s, n, d=d: valid_actions(d, s, n, SIZE)
         )
         for p, span in zip(preds, ep.actions):
-            metric.update(ep.domain, p, span["action"])
-    assert metric.accuracy() == 1.0 and metric.total["meadow"] == 9
-    metric.update("meadow", "grow", "shrink")
-    metric.update("meadow", None, "grow")
-    assert metric.accuracy("meadow") == pytest.approx(9 / 11)
-    assert set(metric.per_domain()) == set(DOMAINS)
-    metric.reset()
-    assert np.isnan(metric.accuracy())
+            found.setdefault(ep.domain, []).append(p == span["action"])
+    assert set(found) == set(DOMAINS) and len(found["meadow"]) == 9
+    assert all(all(hits) for hits in found.values())

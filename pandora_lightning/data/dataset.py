@@ -1,10 +1,14 @@
-"""WebDataset streams of world-model training examples.
+"""Shard samples -> world-model training examples, with corrupt samples skipped and counted.
 
 A shard sample is an mp4 clip plus JSON (caption, actions with frame spans, domain). A training
 example is a window of `frames` frames whose first `cond_frames` are given:
 - "caption" examples (align) start at frame 0 and carry the clip's caption;
-- "action" examples (instruct) end the given frames where a random action's span starts and carry
-  that action's text.
+- "action" examples (instruct) carry a random action's text; the given frames end where the action
+  starts (or the window starts at frame 0 for an action already under way there), so the new
+  frames show the action.
+
+The streams that feed training (split across nodes and workers, mixed, resumable) are in
+`stream.py`; this file holds what one sample needs.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,82 +36,105 @@ class TooManyBadSamples(RuntimeError):
 
 @dataclass
 class BadSampleCounter:
-    """Skips and counts corrupt samples; stops the run once they exceed `max_fraction`."""
+    """Skips and counts corrupt samples; stops the run once they exceed `max_fraction`.
+
+    `quiet` counters (inside data-loader workers) keep the reports in `reports` instead of logging
+    them, so the training process logs them where its log handlers are.
+    """
 
     max_fraction: float = 0.05
     seen: int = 0
     bad: int = 0
+    quiet: bool = False
+    reports: list[tuple[str, str]] = field(default_factory=list)
 
     def skip(self, where: str, reason: str) -> None:
         self.bad += 1
-        log.warning("skipping corrupt sample %s: %s (%d bad of %d so far)", where, reason, self.bad, self.seen)
-        if self.bad > max(8, self.max_fraction * self.seen):
-            raise TooManyBadSamples(
-                f"{self.bad} of {self.seen} samples were corrupt (limit {self.max_fraction:.0%}, data.max_bad_fraction); "
-                f"last one: {where}: {reason}. Check the shards with `pandora-lightning shards verify` or raise the limit."
-            )
+        if self.quiet:
+            self.reports.append((where, reason))
+        else:
+            log.warning("skipping corrupt sample %s: %s (%d bad of %d so far)", where, reason, self.bad, self.seen)
+        check_bad_fraction(self.bad, self.seen, self.max_fraction, f"{where}: {reason}")
 
     def tar_handler(self, exn: Exception) -> bool:
-        self.skip("(tar stream)", repr(exn))
-        return True  # keep going
+        """webdataset handler for a shard that cannot be read (truncated tar, missing URL, ...)."""
+        # webdataset appends (stream, url) to the exception's args
+        url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else "(tar stream)"
+        self.seen += 1
+        self.skip(f"{url}:(rest of shard)", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        return True  # keep going with the next shard
+
+
+def check_bad_fraction(bad: int, seen: int, max_fraction: float, last: str) -> None:
+    # A floor of 8 so that one bad sample among the first few does not stop a run.
+    if bad > max(8, max_fraction * seen):
+        raise TooManyBadSamples(
+            f"{bad} of {seen} samples were corrupt (limit {max_fraction:.0%}, data.max_bad_fraction); "
+            f"last one: {last}. Check the shards with `pandora-lightning shards verify` or raise the limit."
+        )
 
 
 class ExampleDecoder:
-    """Raw shard sample -> {"frames": (T, 3, H, W) uint8, "text": str, "domain": str}, or None if corrupt."""
+    """Raw shard sample -> {"frames": (T, 3, H, W) uint8, "text", "domain", "key"}, or None if corrupt.
 
-    def __init__(self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter):
+    Only the frames of the window are converted (the clip is decoded once, up to the window's end),
+    scaled to `size=(H, W)` when the clip has another size.
+    """
+
+    def __init__(
+        self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter, size: tuple[int, int] | None = None
+    ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"text kind '{kind}' is unknown; use one of {TEXT_KINDS}")
-        self.kind, self.frames, self.cond_frames, self.counter = kind, frames, cond_frames, counter
+        self.kind, self.frames, self.cond_frames, self.counter, self.size = kind, frames, cond_frames, counter, size
 
-    def window(self, meta: dict) -> tuple[int, str]:
+    def window(self, meta: dict, rng: random.Random) -> tuple[int, str]:
         if self.kind == "caption":
+            if not isinstance(meta["caption"], str) or not meta["caption"]:
+                raise ValueError("the caption is empty")
             return 0, meta["caption"]
-        spans = [a for a in meta["actions"] if a["start"] >= self.cond_frames]
+        spans = [a for a in meta["actions"] if a["end"] > self.cond_frames]
         if not spans:
-            raise ValueError(f"no action starts after the first {self.cond_frames} frames")
-        span = random.choice(spans)
-        return span["start"] - self.cond_frames, span["text"]
+            raise ValueError(f"no action runs past the first {self.cond_frames} frames")
+        span = rng.choice(spans)
+        return max(0, span["start"] - self.cond_frames), span["text"]
 
-    def __call__(self, sample: dict) -> dict | None:
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict | None:
+        """`rng` picks the action; pass a seeded one for a reproducible stream."""
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         self.counter.seen += 1
         try:
             meta = json.loads(sample["json"])
-            start, text = self.window(meta)
-            clip = decode_mp4(sample["mp4"], num_frames=start + self.frames)
-            if len(clip) < start + self.frames:
-                raise ValueError(f"clip has {len(clip)} frames, the window needs {start + self.frames}")
+            start, text = self.window(meta, rng or random)
+            clip = decode_mp4(sample["mp4"], num_frames=self.frames, start=start, size=self.size)
+            if len(clip) < self.frames:
+                raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + self.frames}")
         except TooManyBadSamples:
             raise
-        except (KeyError, ValueError, TypeError) as err:
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
             self.counter.skip(where, f"{type(err).__name__}: {err}")
             return None
-        window = np.ascontiguousarray(clip[start : start + self.frames].transpose(0, 3, 1, 2))
-        return {"frames": torch.from_numpy(window), "text": text, "domain": meta.get("domain", "")}
+        window = np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
+        return {"frames": torch.from_numpy(window), "text": text, "domain": meta.get("domain", ""), "key": sample["__key__"]}
 
 
-def training_stream(
-    manifest: Manifest, split: str, decoder: ExampleDecoder, shuffle_buffer: int, seed: int
-) -> wds.DataPipeline | wds.RandomMix:
-    """An endless stream mixing the split's shard sets by their weights.
+def collate(examples: list[dict]) -> dict:
+    """Examples -> {"frames": (B, T, 3, H, W) uint8, "text": [B], "domain": [B], "key": [B]}."""
+    return {
+        "frames": torch.stack([e["frames"] for e in examples]),
+        "text": [e["text"] for e in examples],
+        "domain": [e["domain"] for e in examples],
+        "key": [e["key"] for e in examples],
+    }
 
-    Shards are resampled with a seed that also depends on the rank and dataloader worker, so
-    every process reads its own random sequence of shards.
+
+def read_shards(urls: Iterable[str], handler) -> Iterator[dict]:
+    """Raw samples ({"__key__", "__url__", "mp4", "json", ...}) of the shards in order; nothing decoded.
+
+    Opens local files and anything webdataset's gopen opens (http, pipe:, ...); a shard that
+    cannot be read is reported to `handler` and the stream goes on with the next one.
     """
-    streams, weights = [], []
-    for shard_set in manifest.sets_for(split):
-        streams.append(
-            wds.DataPipeline(
-                wds.ResampledShards(manifest.urls(shard_set), seed=seed, deterministic=True),
-                wds.tarfile_to_samples(handler=decoder.counter.tar_handler),
-                wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 32)),
-                wds.map(decoder),
-                wds.select(lambda x: x is not None),
-            )
-        )
-        weights.append(shard_set.weight)
-    return streams[0] if len(streams) == 1 else wds.RandomMix(streams, weights)
+    return wds.tarfile_to_samples(handler=handler)({"url": url} for url in urls)
 
 
 def iterate_split(manifest: Manifest, split: str, per_domain: int | None = None):

@@ -3,7 +3,15 @@
     name: world
     root: ../data/world            # relative to this file; shard patterns are relative to root
     sets:
-      - {split: train, domain: meadow, shards: ["train-meadow-{000000..000003}.tar"], weight: 1.0, samples: 256}
+      - {split: train, domain: meadow, shards: ["train-meadow-{000000..000003}.tar"], weight: 0.5, samples: 512}
+      - {split: train, domain: robot, shards: ["robot/*.tar"], weight: 0.3, samples: 2000}
+      - {split: train, domain: web, shards: ["pipe:curl -s https://host/web-{0000..0999}.tar"], weight: 0.2, samples: 90000}
+
+A shard pattern is a file name, a glob or a brace pattern under `root`, or a URL that webdataset
+opens itself (`http://`, `https://`, `pipe:...`, ...). The training stream draws the sets of one
+split in proportion to their weights, so the weights of a split must sum to 1; `samples` (the
+number of samples in the set) sets the epoch length. `load_manifest` checks all of that, and that
+every local shard exists, and stops with one clear error otherwise.
 """
 from __future__ import annotations
 
@@ -18,18 +26,32 @@ from omegaconf import OmegaConf
 
 from pandora_lightning.config import ConfigError, load_structured
 
+WEIGHT_TOLERANCE = 1e-3
+
 
 @dataclass
 class ShardSet:
     split: str = "train"
     domain: str = "default"
     shards: list[str] = field(default_factory=list)  # file names, globs or brace patterns; URLs pass through
-    weight: float = 1.0  # mixing weight among the sets of one split
-    samples: int = 0  # samples in the set (for epoch sizes and reports)
+    weight: float = 1.0  # share of the split's training stream drawn from this set; a split's weights sum to 1
+    samples: int = 0  # samples in the set (epoch length and reports)
 
     def __post_init__(self):
+        name = f"set '{self.split}/{self.domain}'"
         if self.weight <= 0:
-            raise ValueError(f"set '{self.split}/{self.domain}': weight must be > 0, got {self.weight}")
+            raise ValueError(f"{name}: weight must be > 0, got {self.weight}")
+        if self.samples <= 0:
+            raise ValueError(
+                f"{name}: samples must be > 0, got {self.samples} (the number of samples in the set; "
+                "`shards build` writes it, `shards inspect` counts it)"
+            )
+        if not self.shards:
+            raise ValueError(f"{name}: shards is empty; list file names, globs, brace patterns or URLs")
+
+
+def is_url(pattern: str) -> bool:
+    return "://" in pattern or pattern.startswith("pipe:")
 
 
 @dataclass
@@ -57,7 +79,7 @@ class Manifest:
             root = Path(self.path).parent / root
         urls: list[str] = []
         for pattern in shard_set.shards:
-            if "://" in pattern or pattern.startswith("pipe:"):
+            if is_url(pattern):
                 urls.extend(braceexpand(pattern))
                 continue
             for expanded in braceexpand(pattern):
@@ -77,26 +99,65 @@ class Manifest:
             )
         return urls
 
+    def check(self, check_shards: bool = True) -> None:
+        """Weights of each split sum to 1, no (split, domain) twice, every local shard exists."""
+        seen: set[tuple[str, str]] = set()
+        for shard_set in self.sets:
+            pair = (shard_set.split, shard_set.domain)
+            if pair in seen:
+                raise ConfigError(f"manifest {self.path}: set '{pair[0]}/{pair[1]}' appears twice; merge its shards")
+            seen.add(pair)
+        for split in self.splits():
+            weights = [s.weight for s in self.sets_for(split)]
+            if abs(sum(weights) - 1) > WEIGHT_TOLERANCE:
+                hint = ", ".join(f"{s.domain}: {s.weight / sum(weights):.4g}" for s in self.sets_for(split))
+                raise ConfigError(
+                    f"manifest {self.path}: the weights of split '{split}' sum to {sum(weights):.4g}, not 1 "
+                    f"(the same mix normalised: {hint})"
+                )
+        for shard_set in self.sets if check_shards else ():
+            self.urls(shard_set)
 
-def load_manifest(path: str | Path) -> Manifest:
+
+def load_manifest(path: str | Path, check_shards: bool = True) -> Manifest:
+    """Read and validate a manifest; `check_shards=False` skips looking for the shard files."""
     manifest = load_structured(Manifest, [path], f"manifest {path}")
     manifest.path = str(path)
     if not manifest.sets:
         raise ConfigError(f"manifest {path}: it lists no shard sets under 'sets'")
+    manifest.check(check_shards)
     return manifest
 
 
-def write_manifest(path: str | Path, name: str, shard_dir: str | Path, records: list[dict]) -> Manifest:
-    """Write a manifest for `records` ({split, domain, shards, samples}) of shards in `shard_dir`."""
+def split_weights(records: list[dict]) -> list[float]:
+    """Weights proportional to each record's samples within its split (each sample once an epoch)."""
+    totals: dict[str, int] = {}
+    for r in records:
+        totals[r["split"]] = totals.get(r["split"], 0) + r["samples"]
+    return [round(r["samples"] / totals[r["split"]], 6) for r in records]
+
+
+def write_manifest(
+    path: str | Path, name: str, shard_dir: str | Path, records: list[dict], written_by: str = "shards world"
+) -> Manifest:
+    """Write a manifest for `records` ({split, domain, shards, samples}) of shards in `shard_dir`.
+
+    Each set's weight is its share of its split's samples, so an epoch reads every sample once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.relpath(Path(shard_dir).resolve(), path.parent.resolve()))
+    weights = split_weights(records)
     manifest = Manifest(
         name=name,
         root=str(root),
-        sets=[ShardSet(r["split"], r["domain"], list(r["shards"]), 1.0, r["samples"]) for r in records],
+        sets=[ShardSet(r["split"], r["domain"], list(r["shards"]), w, r["samples"]) for r, w in zip(records, weights)],
     )
     body = OmegaConf.to_yaml(asdict(manifest))
-    path.write_text(f"# Written by `pandora-lightning shards world`; shard names are relative to root.\n{body}")
+    path.write_text(
+        f"# Written by `pandora-lightning {written_by}`; shard names are relative to root.\n"
+        f"# weight: share of the split's training stream (a split's weights sum to 1); samples: samples in the set.\n"
+        f"{body}"
+    )
     manifest.path = str(path)
     return manifest

@@ -6,10 +6,13 @@ Clips are ``(T, H, W, 3) uint8`` RGB arrays throughout.
 from __future__ import annotations
 
 import io
+import os
+import threading
 from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 # Dataset clips: H.264 at qp 0 (lossless in YUV) with full-resolution chroma
@@ -21,6 +24,7 @@ _DATA_OPTIONS = {"qp": "0", "preset": "ultrafast", "threads": "1"}
 # Viewing clips: yuv420p + crf 18 so ordinary players accept them.
 _VIEW_PIX_FMT = "yuv420p"
 _VIEW_OPTIONS = {"crf": "18", "preset": "fast"}
+_LOCAL = threading.local()
 
 
 def _check_clip(frames: np.ndarray) -> np.ndarray:
@@ -58,10 +62,40 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_mp4(data: bytes, num_frames: int | None = None) -> np.ndarray:
-    """Decode MP4 bytes to ``(T, H, W, 3) uint8``; stop after ``num_frames`` if given."""
+def _reformatter() -> VideoReformatter:
+    # One reformatter per thread and process: it caches its swscale context, and building that
+    # context for every frame (what `frame.to_ndarray(format=...)` does) costs more than decoding
+    # a small frame. Forked data-loader workers make their own.
+    if getattr(_LOCAL, "pid", None) != os.getpid():
+        _LOCAL.pid, _LOCAL.reformatter = os.getpid(), VideoReformatter()
+    return _LOCAL.reformatter
+
+
+def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One decoded frame -> ``(H, W, 3) uint8`` RGB, scaled to ``size=(H, W)`` when given."""
+    height, width = size if size is not None else (frame.height, frame.width)
+    # threads=1: swscale's own threads cost more than they save on small frames, and they do not
+    # survive a fork (a forked worker touching a threaded context waits for them forever).
+    out = _reformatter().reformat(
+        frame, format="rgb24", width=width, height=height, interpolation="AREA", threads=1
+    )
+    return out.to_ndarray()
+
+
+def decode_mp4(
+    data: bytes, num_frames: int | None = None, start: int = 0, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode MP4 bytes to ``(T, H, W, 3) uint8``: at most ``num_frames`` frames from frame ``start``.
+
+    Decoding stops after the last frame needed; frames before ``start`` are decoded (the codec
+    needs them) but never converted to RGB. ``size=(H, W)`` scales frames of another size while
+    converting. One decoder thread: clips are small and many are decoded in parallel by the
+    data-loader workers, so FFmpeg's own threads only add start-up cost.
+    """
     if num_frames is not None and num_frames < 1:
         raise ValueError(f"num_frames={num_frames} must be >= 1 or None (all frames)")
+    if start < 0:
+        raise ValueError(f"start={start} must be >= 0")
     if not data:
         raise ValueError("decode_mp4 got empty data; expected the bytes of an MP4 file")
     out: list[np.ndarray] = []
@@ -69,14 +103,18 @@ def decode_mp4(data: bytes, num_frames: int | None = None) -> np.ndarray:
         with av.open(io.BytesIO(bytes(data)), mode="r") as container:
             if not container.streams.video:
                 raise ValueError("MP4 data has no video stream")
-            for frame in container.decode(container.streams.video[0]):
-                out.append(frame.to_ndarray(format="rgb24"))
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            for index, frame in enumerate(container.decode(stream)):
+                if index < start:
+                    continue
+                out.append(frame_to_rgb(frame, size))
                 if num_frames is not None and len(out) >= num_frames:
                     break
     except av.FFmpegError as err:
         raise ValueError(f"could not decode MP4 data ({len(data)} bytes): {err}") from err
     if not out:
-        raise ValueError(f"MP4 data ({len(data)} bytes) contains no decodable video frames")
+        raise ValueError(f"MP4 data ({len(data)} bytes) contains no decodable video frames after frame {start}")
     return np.stack(out)
 
 

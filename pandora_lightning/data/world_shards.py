@@ -74,7 +74,9 @@ def _write_split_domain(
                 if writer is not None:
                     writer.close()
                 shards.append(f"{split}-{domain}-{len(shards):06d}.tar")
-                writer = wds.TarWriter(str(out_dir / shards[-1]))
+                # A whole-second time: plain ustar headers (a float time needs a pax header per
+                # member, which doubles tar parsing) and byte-identical shards for the same seed.
+                writer = wds.TarWriter(str(out_dir / shards[-1]), mtime=0)
             ep = sample_episode(cfg, domain, rng, allowed)
             writer.write(
                 {

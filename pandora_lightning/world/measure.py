@@ -9,44 +9,21 @@ simulated trajectory is closest to the measured one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from pandora_lightning.world.domains import MASK_THRESHOLD, SHAPE_AREA, Domain, ObjectState
-from pandora_lightning.world.simulator import simulate
+from pandora_lightning.world.simulator import object_mask, simulate
+
 # Weight of a colour error of 255 levels per channel, relative to one frame's
 # worth of motion; see ``trajectory_distance``.
 COLOR_SCALE = 4.0
-
-
-@dataclass
-class ActionFollowing:
-    """Accumulates correct/total action classifications per domain."""
-
-    correct: dict[str, int] = field(default_factory=dict)
-    total: dict[str, int] = field(default_factory=dict)
-
-    def update(self, domain: str, predicted: str | None, target: str) -> None:
-        """Count one round; ``predicted=None`` (measurement failed) counts as wrong."""
-        self.total[domain] = self.total.get(domain, 0) + 1
-        self.correct[domain] = self.correct.get(domain, 0) + int(predicted == target)
-
-    def accuracy(self, domain: str | None = None) -> float:
-        """Accuracy in one domain or over all (NaN when nothing was counted)."""
-        if domain is None:
-            n, c = sum(self.total.values()), sum(self.correct.values())
-        else:
-            n, c = self.total.get(domain, 0), self.correct.get(domain, 0)
-        return c / n if n else float("nan")
-
-    def per_domain(self) -> dict[str, float]:
-        """``{domain: accuracy}`` for every domain seen."""
-        return {d: self.accuracy(d) for d in sorted(self.total)}
-
-    def reset(self) -> None:
-        self.correct.clear()
-        self.total.clear()
+# Temporal consistency: a frame keeps the object when the measured object's mean colour is within
+# COLOR_TOLERANCE (Euclidean RGB) of the start state's and its mask overlaps the domain's shape
+# drawn at the measured state with IoU >= SHAPE_IOU (one compact blob, not a smear or two copies).
+# A background pixel is kept when within BACKGROUND_TOLERANCE of the known background.
+COLOR_TOLERANCE = 48.0
+SHAPE_IOU = 0.5
+BACKGROUND_TOLERANCE = MASK_THRESHOLD / 2
 
 
 def _as_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
@@ -174,3 +151,40 @@ def classify_episode(
             candidates = candidates_fn(state_from_row(row), end - start)
         out.append(classify_round(clip, domain, image_size, 1, candidates))
     return out
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation of an (H, W) mask."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.any([padded[i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0)
+
+
+def frame_consistency(
+    frames: np.ndarray, domain: Domain, image_size: int, reference: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each frame keeps the object's identity and the domain's background.
+
+    ``frames``: ``(T, H, W, 3) uint8``; ``reference``: the ``[x, y, radius, r, g, b]`` row of the
+    state the video started from (its colour is what the object must keep across all rounds).
+    Returns ``object_kept (T,) bool`` (found, colour within ``COLOR_TOLERANCE`` of the reference,
+    shape IoU >= ``SHAPE_IOU``) and ``background_kept (T,) float`` in [0, 1]: the share of pixels
+    away from the object (its drawn shape dilated by 1 px) within ``BACKGROUND_TOLERANCE`` of the
+    background. Stray blobs and smears count against the background.
+    """
+    x = _as_frames(frames, image_size)
+    dist = np.sqrt(((x - domain.background(image_size).astype(np.float64)[None]) ** 2).sum(-1))
+    mask = dist > MASK_THRESHOLD
+    rows = measure_states(frames, domain, image_size)
+    object_kept = np.zeros(len(x), dtype=bool)
+    background_kept = np.zeros(len(x))
+    for t, row in enumerate(rows):
+        shape = np.zeros((image_size, image_size), dtype=bool)
+        if not np.isnan(row).any():
+            shape = object_mask(domain, state_from_row(row), image_size)
+            iou = (mask[t] & shape).sum() / max(1, (mask[t] | shape).sum())
+            color_ok = np.linalg.norm(row[3:] - reference[3:]) <= COLOR_TOLERANCE
+            object_kept[t] = bool(iou >= SHAPE_IOU and color_ok)
+        away = ~_dilate(shape)
+        background_kept[t] = ((dist[t] <= BACKGROUND_TOLERANCE) & away).sum() / max(1, away.sum())
+    return object_kept, background_kept

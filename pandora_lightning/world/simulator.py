@@ -156,6 +156,11 @@ def _object_masks(domain: Domain, states: list[ObjectState], image_size: int) ->
     return dx + dy <= rs  # diamond
 
 
+def object_mask(domain: Domain, state: ObjectState, image_size: int) -> np.ndarray:
+    """Pixels the object covers in ``state``: ``(H, W) bool``."""
+    return _object_masks(domain, [state], image_size)[0]
+
+
 def render_states(domain: Domain, states: list[ObjectState], image_size: int) -> np.ndarray:
     """Frames for ``states``: ``(T, H, W, 3) uint8``."""
     bg = domain.background(image_size)

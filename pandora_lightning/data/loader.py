@@ -1,0 +1,164 @@
+"""The training loader: epochs of a fixed length, a resumable position, data counters for the logs.
+
+`ShardLoader` drives a `stream.ShardStream` through a torch DataLoader (batches are made in the
+workers) and is what `train.fit` hands to Lightning. It is not a DataLoader itself, so Lightning
+leaves it as it is (no sampler injection), and:
+- `len()` is the epoch in batches per rank: `epoch_samples // (world_size * batch_size)`. With a
+  length, Lightning's fetcher does not prefetch, so the batches the loader delivered are exactly the
+  batches training consumed when a checkpoint is written;
+- `state_dict()` / `load_state_dict()` make it a stateful loader that Lightning saves in every
+  checkpoint and restores on resume (`trainer.fit(..., ckpt_path=...)`): the batches delivered so far
+  and, per rank and worker, the raw draws of the current epoch (gathered from every rank, since
+  only rank 0 writes the file);
+- after a restore, physical worker w plays logical worker (w + position) % W, so that the round
+  robin of the DataLoader continues with the worker an uninterrupted run would use next.
+The global random state (diffusion noise) is saved and restored by `monitor.RandomState`. With the
+spawn/fork DDP launchers the process that called `fit` never trains, so resume from the checkpoints
+the ranks write (`checkpoints/last.ckpt`), not from the `final.ckpt` that process writes afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from pandora_lightning.config import ConfigError, DataConfig
+from pandora_lightning.data.dataset import check_bad_fraction
+from pandora_lightning.data.manifest import Manifest
+from pandora_lightning.data.stream import SetSpec, ShardStream, StreamConfig
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) outside a distributed job."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_from_ranks(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (a collective: every rank must call it)."""
+    rank, world = dist_info()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class ShardLoader:
+    """Endless mixed shard stream -> epochs of `len(self)` batches per rank, resumable at any batch."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, epoch_samples: int):
+        self.stream, self.num_workers, self.epoch_samples = stream, num_workers, epoch_samples
+        self.batch_size = stream.cfg.batch_size
+        self.position = 0  # batches delivered since training started, all epochs
+        self.draws: dict[int, int] = {}  # logical worker -> raw draws taken this epoch
+        self.seen = self.bad = 0  # samples decoded / skipped as corrupt on this rank
+        self.last_wait_s = 0.0  # how long the last batch kept training waiting
+
+    def __len__(self) -> int:
+        _, world = dist_info()
+        batches = self.epoch_samples // (world * self.batch_size)
+        if batches < 1:
+            raise ConfigError(
+                f"an epoch of {self.epoch_samples} samples is less than one batch of {self.batch_size} on each of "
+                f"{world} rank(s); raise data.epoch_samples or lower data.batch_size"
+            )
+        return batches
+
+    def __iter__(self):
+        return self._epoch()  # a generator: nothing starts before the first batch is asked for
+
+    def _epoch(self):
+        rank, world = dist_info()
+        length, workers = len(self), max(1, self.num_workers)
+        epoch, index = divmod(self.position, length)
+        if index == 0:
+            self.draws = {}
+        stream = self.stream
+        stream.rank, stream.world_size, stream.epoch, stream.length = rank, world, epoch, length
+        stream.worker_offset, stream.skip = index % workers, dict(self.draws)
+        if rank == 0 and index == 0 and epoch == 0:
+            for spec in stream.cfg.sets:
+                if len(spec.urls) < world * workers:
+                    log.info(
+                        "set %s has %d shard(s) for %d readers: each reader reads all of them and keeps its share "
+                        "of the samples; write at least nodes x GPUs x workers shards to split by shards",
+                        spec.name, len(spec.urls), world * workers,
+                    )
+        # The generator keeps the DataLoader away from the global torch RNG (training's noise).
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(stream.cfg.seed), persistent_workers=False,
+        )
+        batches = iter(loader)
+        for _ in range(index, length):
+            started = time.perf_counter()
+            batch = next(batches)
+            self.last_wait_s = time.perf_counter() - started
+            self._account(batch.pop("_stream"))
+            self.position += 1
+            yield batch
+
+    def _account(self, info: dict) -> None:
+        self.draws[info["worker"]] = info["draws"]
+        self.seen += info["seen"]
+        self.bad += info["bad"]
+        for where, reason in info["reports"]:
+            log.warning("skipping corrupt sample %s: %s (%d bad of %d so far)", where, reason, self.bad, self.seen)
+        if info["reports"]:
+            where, reason = info["reports"][-1]
+            check_bad_fraction(self.bad, self.seen, self.stream.cfg.max_bad_fraction, f"{where}: {reason}")
+
+    def _geometry(self) -> dict:
+        _, world = dist_info()
+        return {"world_size": world, "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "epoch_batches": len(self)}
+
+    def state_dict(self) -> dict:
+        mine = {"draws": dict(self.draws), "seen": self.seen, "bad": self.bad}
+        return {"version": STATE_VERSION, "position": self.position, **self._geometry(), "ranks": gather_from_ranks(mine)}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank, _ = dist_info()
+        saved = {k: state.get(k) for k in self._geometry()}
+        if state.get("version") == STATE_VERSION and saved == self._geometry():
+            self.position = state["position"]
+            mine = state["ranks"][rank]
+            self.draws = {int(k): int(v) for k, v in mine["draws"].items()}
+            self.seen, self.bad = mine["seen"], mine["bad"]
+            return
+        # Another geometry reads other slots: the epoch cannot continue exactly; start the next one.
+        epochs_done = -(-state["position"] // state["epoch_batches"])
+        self.position, self.draws = epochs_done * len(self), {}
+        log.warning(
+            "the checkpoint's data position was saved with %s, this run has %s: the data order cannot continue "
+            "exactly, so training goes on from the start of epoch %d", saved, self._geometry(), epochs_done,
+        )
+
+
+def training_loader(
+    manifest: Manifest, data: DataConfig, text_kind: str, frames: int, cond_frames: int, image_size: int, seed: int
+) -> ShardLoader:
+    """The loader for a recipe's data block: `data.split` of `manifest`, windows of `frames` frames."""
+    sets = manifest.sets_for(data.split)
+    cfg = StreamConfig(
+        sets=tuple(SetSpec(f"{s.split}/{s.domain}", tuple(manifest.urls(s)), s.weight) for s in sets),
+        text_kind=text_kind,
+        frames=frames,
+        cond_frames=cond_frames,
+        size=(image_size, image_size),
+        batch_size=data.batch_size,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=seed,
+        max_bad_fraction=data.max_bad_fraction,
+    )
+    epoch_samples = data.epoch_samples or sum(s.samples for s in sets)
+    return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples)
