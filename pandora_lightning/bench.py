@@ -1,7 +1,7 @@
 """`make bench`: one training step through the Lightning stage vs the same step in a plain PyTorch loop.
 
 Both runs use the same recipe, the same initial weights, the same in-memory batches and the same
-optimiser and schedule; only the loop around `diffusion_loss` differs. Steps are timed end to end
+optimiser and schedule; only the loop around `losses` differs. Steps are timed end to end
 (step end to step end) after a warm-up, and the two loops alternate to cancel machine drift.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _plain_loop(recipe: RecipeConfig, batches: list[dict]) -> list[float]:
     params = [p for p in module.parameters() if p.requires_grad]
     ends = []
     for batch in batches:
-        loss = module.diffusion_loss(batch)
+        loss = module.losses(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.trainer.gradient_clip_val)
         optimizer.step()
@@ -69,7 +69,7 @@ def _step_seconds(ends: list[float]) -> float:
 def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2) -> dict:
     build_world()
     recipe = load_recipe(recipe_path, ["init_from=null", "run_dir=runs/bench", "data.num_workers=0"])
-    batches = list(islice(iter(train_loader(recipe, STAGES[recipe.stage].text_kind)), steps + WARMUP + 1))
+    batches = list(islice(iter(train_loader(recipe, recipe.data.text_kind or STAGES[recipe.stage].text_kind)), steps + WARMUP + 1))
     plain, lightning = [], []
     for _ in range(repeats):
         plain.append(_step_seconds(_plain_loop(recipe, batches)))
