@@ -2,7 +2,7 @@
 and the data path (shard loader vs per-file loaders, `shards build` throughput; see data/benchmark.py).
 
 Both runs use the same recipe, the same initial weights, the same in-memory batches and the same
-optimiser and schedule; only the loop around `diffusion_loss` differs. Steps are timed end to end
+optimiser and schedule; only the loop around `losses` differs. Steps are timed end to end
 (step end to step end) after a warm-up, and the two loops alternate to cancel machine drift.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _plain_loop(recipe: RecipeConfig, batches: list[dict]) -> list[float]:
     params = [p for p in module.parameters() if p.requires_grad]
     ends = []
     for batch in batches:
-        loss = module.diffusion_loss(batch)
+        loss = module.losses(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.trainer.gradient_clip_val)
         optimizer.step()
@@ -93,7 +93,7 @@ def _print_data(data: dict) -> None:
 def _train_bench(recipe_path: str, steps: int, repeats: int) -> dict:
     build_world()
     recipe = load_recipe(recipe_path, ["init_from=null", "run_dir=runs/bench", "data.num_workers=0"])
-    batches = list(islice(iter(train_loader(recipe, STAGES[recipe.stage].text_kind)), steps + WARMUP + 1))
+    batches = list(islice(iter(train_loader(recipe, recipe.data.text_kind or STAGES[recipe.stage].text_kind)), steps + WARMUP + 1))
     plain, lightning = [], []
     for _ in range(repeats):
         plain.append(_step_seconds(_plain_loop(recipe, batches)))

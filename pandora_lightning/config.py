@@ -33,10 +33,15 @@ class DataConfig:
     shuffle_buffer: int = 128
     max_bad_fraction: float = 0.05  # stop the run when more than this share of samples is corrupt
     epoch_samples: int = 0  # samples an epoch over the whole job; 0 = the split's sample count in the manifest
+    # Which text of a sample steers the generator: caption | action; null = the stage's own
+    # (align: caption, instruct: action).
+    text_kind: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0 or self.epoch_samples < 0:
             raise ValueError("data.batch_size must be >= 1, data.num_workers and data.epoch_samples >= 0")
+        if self.text_kind not in (None, "caption", "action"):
+            raise ValueError(f"data.text_kind='{self.text_kind}' is unknown; use caption, action or null")
 
 
 @dataclass
@@ -54,6 +59,37 @@ class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
+
+
+LOSS_CONTEXTS = ("adapter", "teacher")
+
+
+@dataclass
+class LossConfig:
+    """The diffusion loss on the new frames, plus the optional embedding-distillation loss."""
+
+    # What conditions the generator in the diffusion loss: "adapter" (the LLM path, as at inference)
+    # or "teacher" (the generator's own text encoder, which teaches a tiny random generator to
+    # follow text as a pretrained one already does).
+    context: str = "adapter"
+    # Weight of the MSE that pulls the output adapter's answer towards the text encoder's
+    # embedding of the same text (needs model.text_encoder.enabled).
+    distill_weight: float = 0.0
+    # Share of training examples whose text is replaced by the empty string, so that the model also
+    # learns the text-free prediction that classifier-free guidance (generator.guidance_scale) needs.
+    text_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.context not in LOSS_CONTEXTS:
+            raise ValueError(f"loss.context='{self.context}' is unknown; use one of {LOSS_CONTEXTS}")
+        if self.distill_weight < 0:
+            raise ValueError(f"loss.distill_weight={self.distill_weight} must be >= 0")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"loss.text_dropout={self.text_dropout} must be in [0, 1)")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.context == "teacher" or self.distill_weight > 0
 
 
 @dataclass
@@ -110,6 +146,7 @@ class RecipeConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -118,6 +155,11 @@ class RecipeConfig:
             raise ValueError(f"stage='{self.stage}' is unknown; use one of {STAGE_NAMES}")
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}/{self.stage}"
+        if self.loss.needs_teacher and not self.model.text_encoder.enabled:
+            raise ValueError(
+                f"loss.context={self.loss.context} with loss.distill_weight={self.loss.distill_weight} needs the "
+                f"generator's text encoder: set model.text_encoder.enabled=true"
+            )
 
 
 def _nearest_keys(err: ConfigKeyError) -> str:

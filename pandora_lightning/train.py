@@ -74,7 +74,7 @@ def fit(recipe: RecipeConfig) -> Path:
     module: WorldModelStage = stage_cls.from_recipe(recipe)
     if recipe.init_from:
         module.init_from(recipe.init_from)
-    loader = train_loader(recipe, stage_cls.text_kind)
+    loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
     trainer = build_trainer(recipe, run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

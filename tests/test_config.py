@@ -48,6 +48,8 @@ def test_override_wins_over_yaml():
         ("model.generator.cond_frames=6", "cond_frames=6 must be in [1, generator.frames=6)"),
         ("model.generator.block_out_channels=[48,64]", "multiple of 32"),
         ("model.input_adapter.tokens_per_frame=5", "must be a square number"),
+        ("loss.context=llm", "loss.context='llm' is unknown"),
+        ("model.generator.guidance_scale=0.5", "guidance_scale=0.5 must be >= 1"),
     ],
 )
 def test_bad_recipe_values_name_the_key(override, message):
@@ -55,6 +57,11 @@ def test_bad_recipe_values_name_the_key(override, message):
         load_recipe(ROOT / "recipes/tiny/align.yaml", [override])
     assert message in str(err.value)
     assert "align.yaml" in str(err.value)
+
+
+def test_distillation_without_a_text_encoder_is_refused():
+    with pytest.raises(ConfigError, match="needs the generator's text encoder: set model.text_encoder.enabled=true"):
+        load_recipe(ROOT / "recipes/tiny/align.yaml", ["model.text_encoder.enabled=false"])
 
 
 def test_override_without_equals_sign():

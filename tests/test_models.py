@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel, UNetSpatioTemporalConditionModel
-from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from pandora_lightning.config import load_recipe
 from pandora_lightning.models.generator import GeneratorConfig, VideoGenerator
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
+from pandora_lightning.models.text_encoder import TextEncoder, TextEncoderConfig
 from pandora_lightning.models.tokenizer import build_word_tokenizer
 from pandora_lightning.models.world_model import WorldModel, WorldModelConfig
 from pandora_lightning.stages import AlignStage
@@ -101,6 +102,12 @@ def _save_pretrained_dirs(root: Path) -> dict[str, Path]:
         latent_channels=4, norm_num_groups=8, sample_size=32,
     ).save_pretrained(video / "vae")
     DDPMScheduler(prediction_type="v_prediction").save_pretrained(video / "scheduler")
+    # The video model's own text encoder, with its tokenizer in the same folder.
+    CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=0, pad_token_id=0)
+    ).save_pretrained(video / "text_encoder")
+    tokenizer.save_pretrained(video / "text_encoder")
     return {"vision": root / "vision", "llm": root / "llm", "video": video}
 
 
@@ -113,7 +120,10 @@ def test_world_model_from_pretrained_dirs_through_a_recipe(tmp_path):
             f"model.llm.pretrained={dirs['llm']}",
             f"model.generator.pretrained={dirs['video']}",
             "model.generator.num_inference_steps=2",
+            "model.text_encoder.enabled=true",
+            f"model.text_encoder.pretrained={dirs['video'] / 'text_encoder'}",
             "trainable=[input_adapter.*,output_adapter.*,llm.query_tokens]",
+            "loss.context=adapter",
         ],
     )
     stage = AlignStage.from_recipe(recipe)
@@ -124,13 +134,50 @@ def test_world_model_from_pretrained_dirs_through_a_recipe(tmp_path):
     # Loaded, not re-initialised: the UNet weights equal the saved ones.
     saved = UNetSpatioTemporalConditionModel.from_pretrained(dirs["video"] / "unet")
     torch.testing.assert_close(model.generator.unet.conv_in.weight, saved.conv_in.weight)
+    saved_text = CLIPTextModel.from_pretrained(dirs["video"] / "text_encoder")
+    torch.testing.assert_close(model.text_encoder.model.embeddings.token_embedding.weight,
+                               saved_text.embeddings.token_embedding.weight)
     batch = {"frames": torch.randint(0, 255, (2, 6, 3, 32, 32), dtype=torch.uint8), "text": ["move left", "go right"]}
-    loss = stage.diffusion_loss(batch)
-    loss.backward()
-    assert torch.isfinite(loss)
+    parts = stage.losses(batch)
+    assert set(parts) == {"loss", "diffusion", "distill"}
+    parts["loss"].backward()
+    assert torch.isfinite(parts["loss"])
     assert model.output_adapter.proj_out.weight.grad is not None and model.generator.unet.conv_in.weight.grad is None
     video = model.rollout(torch.zeros(1, 3, 32, 32), [["move left"]])
     assert video.shape == (1, 6, 3, 32, 32)
+
+
+def test_tiny_text_encoder_gives_one_embedding_per_query_slot():
+    encoder = TextEncoder(TextEncoderConfig(enabled=True), num_tokens=8, width=64, tiny_corpus=CORPUS)
+    out = encoder(["move left", "a red disc on a green meadow grows", ""])
+    assert out.shape == (3, 8, 64)
+    assert (out[0] - out[1]).abs().mean() > 0.1, "different texts must get different embeddings"
+
+
+def test_text_encoder_that_does_not_fit_the_generator_is_rejected(tmp_path):
+    tokenizer = build_word_tokenizer(CORPUS)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=0,
+                                 pad_token_id=0)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="32-wide embeddings but the generator's cross-attention takes 64"):
+        TextEncoder(TextEncoderConfig(enabled=True, pretrained=str(tmp_path)), num_tokens=8, width=64)
+    with pytest.raises(ValueError, match="at most 16 tokens but output_adapter.num_queries=77"):
+        TextEncoder(TextEncoderConfig(enabled=True, pretrained=str(tmp_path)), num_tokens=77, width=32)
+
+
+def test_guided_rollout_runs_two_contexts_and_differs_from_unguided():
+    torch.manual_seed(0)
+    cfg = WorldModelConfig(generator=GeneratorConfig(num_inference_steps=2))
+    model = WorldModel(cfg, CORPUS).eval()
+    start = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = model.rollout(start, [["move left", "go right"]], seed=3)
+    calls = []
+    model.generator.unet.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    cfg.generator.guidance_scale = 3.0
+    guided = model.rollout(start, [["move left", "go right"]], seed=3)
+    assert calls == [4, 4], "one UNet call a step on the text and the empty-text batch together"
+    assert not torch.allclose(plain, guided)
 
 
 def _save_unet3d(video: Path, in_channels: int) -> None:

@@ -83,3 +83,28 @@ def test_bad_checkpoint_files_are_named(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ConfigError, match="not a pandora-lightning stage checkpoint"):
         load_stage(tmp_path / "other.ckpt")
+
+
+def test_distillation_pulls_the_adapter_towards_the_text_encoder():
+    recipe = load_recipe(
+        ROOT / "recipes/tiny/align.yaml",
+        ["loss.context=teacher", "loss.distill_weight=1.0", "loss.text_dropout=0.0", "trainable=[output_adapter.*]"],
+    )
+    module = STAGES["align"].from_recipe(recipe).train()
+    batch = {"frames": torch.randint(0, 255, (4, 6, 3, 32, 32), dtype=torch.uint8),
+             "text": ["move left", "go right", "grow", "shrink a bit"]}
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(15):
+        parts = module.losses(batch)
+        first = first if first is not None else parts["distill"].item()
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        # The teacher is a fixed target: no gradient reaches it.
+        assert module.model.text_encoder.model.final_layer_norm.weight.grad is None
+        optimizer.step()
+    assert parts["distill"].item() < 0.5 * first
+    with torch.no_grad():
+        teacher = module.model.teacher_context(batch["text"])
+    assert not any(p.requires_grad for p in module.model.text_encoder.parameters()), "the tiny teacher stays frozen"
+    assert teacher.shape == (4, recipe.model.output_adapter.num_queries, module.model.generator.context_dim)

@@ -51,12 +51,18 @@ class GeneratorConfig:
     residual: bool | None = None
     beta_schedule: str = "squaredcos_cap_v2"
     num_inference_steps: int = 20
+    # Classifier-free guidance at sampling: pred = uncond + scale * (cond - uncond), where the
+    # unconditional context is the adapter's answer to an empty text; 1.0 = off (one UNet call a
+    # step instead of two). Needs a model trained with loss.text_dropout > 0.
+    guidance_scale: float = 1.0
     # SVD micro-conditioning (fps - 1, motion bucket id, noise augmentation strength).
     added_time_ids: list[float] = field(default_factory=lambda: [7.0, 127.0, 0.02])
 
     def __post_init__(self):
         if self.residual is None:
             self.residual = self.pretrained is None
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"generator.guidance_scale={self.guidance_scale} must be >= 1 (1 = no guidance)")
         if not 0 < self.cond_frames < self.frames:
             raise ValueError(f"generator.cond_frames={self.cond_frames} must be in [1, generator.frames={self.frames})")
         if self.pretrained is None:
@@ -198,9 +204,27 @@ class VideoGenerator(nn.Module):
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.train_scheduler.add_noise(x0, noise, timesteps)
 
+    def guided(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None):
+        """One denoising prediction, with classifier-free guidance when an unconditional context is given."""
+        b = x.shape[0]
+        if uncond is None:
+            return self.denoise(x, t.expand(b), cond, context).to(x.dtype)
+        both = self.denoise(torch.cat([x, x]), t.expand(2 * b), torch.cat([cond, cond]), torch.cat([context, uncond]))
+        with_text, without = both.to(x.dtype).chunk(2)
+        return without + self.cfg.guidance_scale * (with_text - without)
+
     @torch.no_grad()
-    def sample(self, given: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """given (B, cond_frames, 3, H, W), context (B, N, Dctx) -> clip (B, frames, 3, H, W), given frames first."""
+    def sample(
+        self,
+        given: torch.Tensor,
+        context: torch.Tensor,
+        generator: torch.Generator | None = None,
+        uncond_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """given (B, cond_frames, 3, H, W), context (B, N, Dctx) -> clip (B, frames, 3, H, W), given frames first.
+
+        uncond_context (B, N, Dctx), the context of an empty text, turns on classifier-free guidance.
+        """
         b, n = given.shape[:2]
         known = self.encode(given)
         shape = (b, self.cfg.frames, *known.shape[2:])
@@ -211,8 +235,7 @@ class VideoGenerator(nn.Module):
         scheduler = self.sample_scheduler
         scheduler.set_timesteps(self.cfg.num_inference_steps, device=known.device)
         for t in scheduler.timesteps:
-            out = self.denoise(x, t.expand(b), cond, context).to(x.dtype)
-            x = scheduler.step(out, t, x).prev_sample
+            x = scheduler.step(self.guided(x, t, cond, context, uncond_context), t, x).prev_sample
         latents = x + self.anchor(padded)
         latents[:, :n] = known
         clip = self.decode(latents)

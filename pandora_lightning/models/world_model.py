@@ -11,6 +11,7 @@ from pandora_lightning.models.generator import GeneratorConfig, VideoGenerator
 from pandora_lightning.models.input_adapter import InputAdapter, InputAdapterConfig
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
 from pandora_lightning.models.output_adapter import OutputAdapter, OutputAdapterConfig
+from pandora_lightning.models.text_encoder import TextEncoder, TextEncoderConfig
 from pandora_lightning.models.vision_encoder import VisionEncoder, VisionEncoderConfig
 
 
@@ -21,6 +22,7 @@ class WorldModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     output_adapter: OutputAdapterConfig = field(default_factory=OutputAdapterConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
 class WorldModel(nn.Module):
@@ -29,11 +31,17 @@ class WorldModel(nn.Module):
     def __init__(self, cfg: WorldModelConfig, tiny_corpus: Iterable[str] = ()):
         super().__init__()
         self.cfg = cfg
+        tiny_corpus = list(tiny_corpus)
         self.vision = VisionEncoder(cfg.vision)
         self.llm = LLMBackbone(cfg.llm, tiny_corpus)
         self.input_adapter = InputAdapter(cfg.input_adapter, self.vision.hidden_size, self.llm.hidden_size)
         self.generator = VideoGenerator(cfg.generator)
         self.output_adapter = OutputAdapter(cfg.output_adapter, self.llm.hidden_size, self.generator.context_dim)
+        self.text_encoder = None
+        if cfg.text_encoder.enabled:
+            self.text_encoder = TextEncoder(
+                cfg.text_encoder, cfg.output_adapter.num_queries, self.generator.context_dim, tiny_corpus
+            )
 
     @property
     def cond_frames(self) -> int:
@@ -49,6 +57,12 @@ class WorldModel(nn.Module):
         patches = self.vision(given.flatten(0, 1))
         state = self.input_adapter(patches.unflatten(0, (b, t)))
         return self.output_adapter(self.llm(state, texts))
+
+    def teacher_context(self, texts: list[str]) -> torch.Tensor:
+        """B texts -> (B, N, Dctx): the generator's own text embedding, which `context` learns to imitate."""
+        if self.text_encoder is None:
+            raise ValueError("this model has no text encoder; set model.text_encoder.enabled=true")
+        return self.text_encoder(texts)
 
     @torch.no_grad()
     def rollout(self, start: torch.Tensor, actions: list[list[str]], seed: int = 0) -> torch.Tensor:
@@ -67,6 +81,7 @@ class WorldModel(nn.Module):
         video = start.unsqueeze(1).expand(-1, self.cond_frames, -1, -1, -1)
         for texts in actions:
             given = video[:, -self.cond_frames :]
-            clip = self.generator.sample(given, self.context(given, texts), generator=rng)
+            uncond = self.context(given, [""] * len(texts)) if self.cfg.generator.guidance_scale != 1.0 else None
+            clip = self.generator.sample(given, self.context(given, texts), generator=rng, uncond_context=uncond)
             video = torch.cat([video, clip[:, self.cond_frames :]], dim=1)
         return video

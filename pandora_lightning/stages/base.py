@@ -83,12 +83,10 @@ class WorldModelStage(L.LightningModule):
                 f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
 
-    def diffusion_loss(self, batch: dict) -> torch.Tensor:
-        """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings -> MSE on the new frames."""
-        frames = batch["frames"].to(self.dtype) / 127.5 - 1
+    def diffusion_loss(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 3, H, W) in [-1, 1], context (B, N, Dctx) -> MSE on the new frames."""
         n = self.model.cond_frames
         generator = self.model.generator
-        context = self.model.context(frames[:, :n], list(batch["text"]))
         x0, cond = generator.prepare(frames)
         noise = torch.randn_like(x0)
         steps = generator.train_scheduler.config.num_train_timesteps
@@ -97,10 +95,31 @@ class WorldModelStage(L.LightningModule):
         target = generator.training_target(x0, noise, t)
         return F.mse_loss(pred[:, n:].float(), target[:, n:].float())
 
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings -> {"loss": weighted total, "diffusion", "distill"}."""
+        cfg = self.recipe.loss
+        frames = batch["frames"].to(self.dtype) / 127.5 - 1
+        texts = list(batch["text"])
+        if self.training and cfg.text_dropout > 0:
+            drop = torch.rand(len(texts)) < cfg.text_dropout
+            texts = ["" if d else text for d, text in zip(drop.tolist(), texts)]
+        adapter = teacher = None
+        if cfg.context == "adapter" or cfg.distill_weight > 0:
+            adapter = self.model.context(frames[:, : self.model.cond_frames], texts)
+        if cfg.needs_teacher:
+            teacher = self.model.teacher_context(texts)
+        out = {"diffusion": self.diffusion_loss(frames, adapter if cfg.context == "adapter" else teacher)}
+        if cfg.distill_weight > 0:
+            # The teacher is the target, never pulled towards the adapter.
+            out["distill"] = F.mse_loss(adapter.float(), teacher.detach().float())
+        out["loss"] = out["diffusion"] + cfg.distill_weight * out.get("distill", 0.0)
+        return out
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
-        return loss
+        parts = self.losses(batch)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch["frames"].shape[0])
+        return parts["loss"]
 
     def configure_optimizers(self):
         cfg = self.recipe.optim
