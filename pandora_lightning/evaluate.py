@@ -48,8 +48,8 @@ def rollout_batches(
 ) -> Iterator[RolloutBatch]:
     """Roll every episode out from its first frame with its own action texts, one per round.
 
-    A batch runs as many rounds as its shortest episode has actions; batch i uses seed + its first
-    index, so results do not depend on what ran before.
+    A batch runs as many rounds as its shortest episode has actions; episode i's noise comes from
+    seed + i (the rollout seeds each sample apart), so results do not depend on the batch size.
     """
     for first in range(0, len(episodes), batch_size):
         chunk = episodes[first : first + batch_size]

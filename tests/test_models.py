@@ -48,6 +48,13 @@ def test_rollout_keeps_start_and_conditions_each_round(model):
     torch.testing.assert_close(video, again)
 
 
+def test_rollout_noise_does_not_depend_on_the_batch(model):
+    start = torch.rand(2, 3, 32, 32) * 2 - 1
+    both = model.rollout(start, [["move left", "grows"]], seed=5)
+    second = model.rollout(start[1:], [["grows"]], seed=6)  # sample 1 of the batch draws from seed + 1
+    torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("actions", [[], [["move left"]]])
 def test_rollout_rejects_bad_action_lists(model, actions):
     with pytest.raises(ValueError, match="one list of 2 action texts per round"):

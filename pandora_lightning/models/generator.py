@@ -20,6 +20,7 @@ from diffusers import (
     UNet3DConditionModel,
     UNetSpatioTemporalConditionModel,
 )
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from pandora_lightning.models.loading import local_dir
@@ -218,12 +219,13 @@ class VideoGenerator(nn.Module):
         self,
         given: torch.Tensor,
         context: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         uncond_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """given (B, cond_frames, 3, H, W), context (B, N, Dctx) -> clip (B, frames, 3, H, W), given frames first.
 
         uncond_context (B, N, Dctx), the context of an empty text, turns on classifier-free guidance.
+        A list of B generators gives every sample its own noise, whatever else is in the batch.
         """
         b, n = given.shape[:2]
         known = self.encode(given)
@@ -231,7 +233,7 @@ class VideoGenerator(nn.Module):
         # Only the first n positions are read by `condition` and `anchor`.
         padded = torch.cat([known, known.new_zeros(b, self.cfg.frames - n, *known.shape[2:])], dim=1)
         cond = self.condition(padded)
-        x = torch.randn(shape, generator=generator, device="cpu", dtype=known.dtype).to(known.device)
+        x = randn_tensor(shape, generator=generator, device=known.device, dtype=known.dtype)
         scheduler = self.sample_scheduler
         scheduler.set_timesteps(self.cfg.num_inference_steps, device=known.device)
         for t in scheduler.timesteps:

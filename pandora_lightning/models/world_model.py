@@ -77,7 +77,8 @@ class WorldModel(nn.Module):
                 f"rollout needs one list of {start.shape[0]} action texts per round; got {[len(a) for a in actions]} "
                 f"(an empty action list generates nothing)"
             )
-        rng = torch.Generator().manual_seed(seed)
+        # Sample b draws its noise from seed + b: a rollout does not depend on the batch it ran in.
+        rng = [torch.Generator().manual_seed(seed + b) for b in range(start.shape[0])]
         video = start.unsqueeze(1).expand(-1, self.cond_frames, -1, -1, -1)
         for texts in actions:
             given = video[:, -self.cond_frames :]
