@@ -1,5 +1,6 @@
 """Exact resume: fit N steps, stop, resume from the checkpoint for M more == fit N + M straight."""
 import csv
+import json
 
 import lightning as L
 import pytest
@@ -8,6 +9,7 @@ import torch
 from pandora_lightning import train
 from pandora_lightning.stages.base import load_checkpoint_file
 from tests.conftest import tiny_recipe
+from tests.test_ddp import KeysToFile
 
 
 class KeyRecorder(L.Callback):
@@ -66,3 +68,46 @@ def test_resumed_run_matches_an_uninterrupted_one(world_manifest, tmp_path, reco
     last = rows[-1]
     assert float(last["data/seen_samples"]) == 8 and float(last["data/bad_samples"]) == 0
     assert 0 <= float(last["data/wait_frac"]) < 1
+
+
+def test_resume_under_ddp_matches_an_uninterrupted_run(world_manifest, tmp_path, monkeypatch, one_thread):
+    """The same as above with 2 ranks (CPU DDP over gloo): each rank resumes its own data position."""
+    runs = []  # per fit, the folder where each rank writes the keys it trained on (the ranks are forked)
+    build = train.build_trainer
+
+    def build_with_recorder(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        runs.append(tmp_path / f"keys-{len(runs)}")
+        runs[-1].mkdir()
+        trainer.callbacks.append(KeysToFile(runs[-1]))
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", build_with_recorder)
+    # 3 batches of 2 an epoch on each of 2 ranks: stopped mid-epoch, the resumed part crosses an epoch boundary.
+    common = ["data.epoch_samples=12", "trainer.checkpoint_every_n_steps=2", "init_from=null", "trainer.accelerator=cpu",
+              "trainer.devices=2", "trainer.strategy=ddp_fork_find_unused_parameters_true", "trainer.logger=none"]
+    train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "straight", "trainer.max_steps=4", *common))
+    train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "stopped", "trainer.max_steps=2", *common))
+    # The ranks' checkpoint, not final.ckpt: with the fork launcher that one is written by the process that
+    # never trained, so its loops and data position are still at step 0 (see pandora_lightning/data/loader.py).
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    stopped = load_checkpoint_file(last)
+    assert stopped["global_step"] == 2
+    train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "stopped", "trainer.max_steps=4",
+                          f"trainer.resume_from={last}", *common))
+
+    def keys(run: int, rank: int) -> list[list[str]]:
+        return [json.loads(line) for line in (runs[run] / f"keys-{rank}.jsonl").read_text().splitlines()]
+
+    for rank in (0, 1):
+        assert len(keys(0, rank)) == 4 and len(keys(1, rank)) == 2
+        assert keys(1, rank) + keys(2, rank) == keys(0, rank), f"rank {rank} resumed with other data"
+    assert not {k for b in keys(0, 0) for k in b} & {k for b in keys(0, 1) for k in b}, "the ranks read the same data"
+
+    a, b = (load_checkpoint_file(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "stopped"))
+    assert a["global_step"] == b["global_step"] == 4
+    a, b = a["state_dict"], b["state_dict"]
+    assert a.keys() == b.keys()
+    # 2 ranks: every gradient element is all-reduced as the same sum of 2 numbers in both runs, so bit for bit.
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert not all(torch.equal(a[k], stopped["state_dict"][k]) for k in a), "the resumed run trained"
