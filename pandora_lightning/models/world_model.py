@@ -82,7 +82,11 @@ class WorldModel(nn.Module):
         video = start.unsqueeze(1).expand(-1, self.cond_frames, -1, -1, -1)
         for texts in actions:
             given = video[:, -self.cond_frames :]
-            uncond = self.context(given, [""] * len(texts)) if self.cfg.generator.guidance_scale != 1.0 else None
-            clip = self.generator.sample(given, self.context(given, texts), generator=rng, uncond_context=uncond)
+            uncond = None
+            if self.cfg.generator.guidance_scale == 1.0:
+                context = self.context(given, texts)
+            else:  # the text and the empty text through the encoders in one batch
+                context, uncond = self.context(torch.cat([given, given]), [*texts, *[""] * len(texts)]).chunk(2)
+            clip = self.generator.sample(given, context, generator=rng, uncond_context=uncond)
             video = torch.cat([video, clip[:, self.cond_frames :]], dim=1)
         return video
