@@ -8,34 +8,35 @@ import os
 import sys
 from pathlib import Path
 
-from pandora_lightning.config import ConfigError
+from pandora_lightning.errors import PandoraError
 
 
 def _fit(args) -> None:
-    from pandora_lightning.config import load_recipe
-    from pandora_lightning.train import fit
+    from pandora_lightning.recipe import load_recipe, score_callbacks
+    from pandora_lightning.training.fit import fit
+    from pandora_lightning.world.metrics import WORLD_METRICS
 
-    print(f"final checkpoint: {fit(load_recipe(args.recipe, args.overrides))}")
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"final checkpoint: {fit(recipe, score_callbacks(recipe, [WORLD_METRICS]))}")
 
 
 def _generate(args) -> None:
-    from pandora_lightning.rollout import generate
+    from pandora_lightning.inference.generate import generate
 
     video, sheet = generate(args.checkpoint, args.image, args.actions, Path(args.out), args.seed, args.scale)
     print(f"wrote {video} and {sheet}")
 
 
 def _shards_world(args) -> None:
-    from pandora_lightning.data.manifest import write_manifest
-    from pandora_lightning.data.world_shards import write_world_shards
     from pandora_lightning.world import WorldConfig
+    from pandora_lightning.world.shards import write_world
+    from pandora_lightning.world.vocabulary import vocabulary_path
 
     cfg = WorldConfig(image_size=args.image_size, seed=args.seed)
     counts = {"train": args.train, "val": args.val, "transfer": args.transfer}
-    records = write_world_shards(args.out, cfg, counts, samples_per_shard=args.samples_per_shard)
-    manifest = write_manifest(args.manifest, "world", args.out, records)
-    print(f"wrote {sum(r['samples'] for r in records)} episodes in {sum(len(r['shards']) for r in records)} shards "
-          f"under {args.out}; manifest {manifest.path}")
+    manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard)
+    print(f"wrote {sum(s.samples for s in manifest.sets)} episodes in {sum(len(s.shards) for s in manifest.sets)} shards "
+          f"under {args.out}; manifest {manifest.path}; vocabulary {vocabulary_path(args.manifest)}")
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         return int(height), int(width or height)
     except ValueError:
-        raise ConfigError(f"--size must look like 32 or 320x512 (height x width), got '{text}'") from None
+        raise PandoraError(f"--size must look like 32 or 320x512 (height x width), got '{text}'") from None
 
 
 def _parse_bytes(text: str) -> int:
@@ -53,15 +54,15 @@ def _parse_bytes(text: str) -> int:
     try:
         return int(float(lowered.removesuffix(unit) if unit else lowered) * units.get(unit, 1))
     except ValueError:
-        raise ConfigError(f"--shard-size must look like 256MB, 1GB or a byte count, got '{text}'") from None
+        raise PandoraError(f"--shard-size must look like 256MB, 1GB or a byte count, got '{text}'") from None
 
 
 def _shards_build(args) -> None:
-    from pandora_lightning.data.build import BuildSettings, build_shards
+    from pandora_lightning.data.tools.build import BuildSettings, build_shards
 
     size, frames = args.size, args.frames
     if args.recipe:
-        from pandora_lightning.config import load_recipe
+        from pandora_lightning.recipe import load_recipe
 
         gen = load_recipe(args.recipe).model.generator
         size, frames = size or str(gen.image_size), frames or gen.frames
@@ -79,7 +80,7 @@ def _shards_build(args) -> None:
 
 
 def _shards_inspect(args) -> None:
-    from pandora_lightning.data.checks import format_table, inspect_shards
+    from pandora_lightning.data.tools.checks import format_table, inspect_shards
 
     report = inspect_shards(args.sources, args.split, args.sheet, args.samples, seed=args.seed)
     print(format_table(report))
@@ -93,7 +94,7 @@ def _shards_inspect(args) -> None:
 
 
 def _shards_verify(args) -> int:
-    from pandora_lightning.data.checks import verify_shards
+    from pandora_lightning.data.tools.checks import verify_shards
 
     report = verify_shards(args.sources, args.split, args.min_frames, args.workers, not args.quiet)
     for url, key, why in report["corrupt"]:
@@ -103,19 +104,21 @@ def _shards_verify(args) -> int:
 
 
 def _demo(args) -> None:
-    from pandora_lightning.demo import run_demo
+    from pandora_lightning.world.demo import run_demo
 
     run_demo(Path(args.run_dir), quick=args.quick)
 
 
 def _bench(args) -> None:
-    from pandora_lightning.bench import run_bench
+    from pandora_lightning.bench.train import run_bench
 
     run_bench(args.recipe, args.steps, Path(args.out), parts=(args.only,) if args.only else ("train", "data"))
 
 
 def _score(args) -> None:
-    from pandora_lightning.score import ScoreConfig, load_score_config, print_scores, run_score
+    from pandora_lightning.evaluation.config import ScoreConfig, load_score_config
+    from pandora_lightning.evaluation.score import print_scores, run_score
+    from pandora_lightning.world.metrics import WORLD_METRICS
 
     # Lightning names checkpoints like epoch=0-step=500.ckpt, so '=' alone does not make an override.
     keys = set(ScoreConfig.__dataclass_fields__)
@@ -123,13 +126,13 @@ def _score(args) -> None:
                  or ("=" in a and not a.endswith(".ckpt") and not Path(a).exists())]
     checkpoints = [a for a in args.args if a not in overrides]
     if len(checkpoints) > 1:
-        raise ConfigError(f"score takes one checkpoint, got {checkpoints}")
+        raise PandoraError(f"score takes one checkpoint, got {checkpoints}")
     flags = ("manifest", "splits", "per_domain", "batch_size", "seed", "fvd_detector", "fvd_feature_dim", "clip_model", "out",
              "save_videos", "num_inference_steps")
     values = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if checkpoints:
         values["checkpoint"] = checkpoints[0]
-    print_scores(run_score(load_score_config(args.recipe, overrides, values)))
+    print_scores(run_score(load_score_config(args.recipe, overrides, values), plugins=[WORLD_METRICS]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("score", help="roll a checkpoint out on held-out samples; write scores.json, scores.md, plots")
     p.add_argument("args", nargs="*", metavar="CHECKPOINT | key=value", help="the checkpoint, then score-recipe overrides")
     p.add_argument("--recipe", help="a score recipe, e.g. recipes/tiny/score.yaml")
-    p.add_argument("--manifest", help="data manifest (default data_manifests/world.yaml)")
+    p.add_argument("--manifest", help="data manifest (default: the one the checkpoint was trained on)")
     p.add_argument("--split", dest="splits", action="append", help="split to score (repeatable; default: every non-train split)")
     p.add_argument("--per-domain", type=int, help="episodes per domain and split (0 = all; default 16)")
     p.add_argument("--batch-size", type=int)
@@ -236,6 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pandora_lightning").setLevel(logging.INFO)
     try:
         return args.run(args) or 0
-    except (ConfigError, FileNotFoundError) as err:
+    except (PandoraError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from pandora_lightning.config import load_recipe
+from pandora_lightning.recipe import load_recipe
 from pandora_lightning.data.manifest import write_manifest
-from pandora_lightning.data.world_shards import write_world_shards
-from pandora_lightning.train import fit
+from pandora_lightning.world.shards import write_world_shards
+from pandora_lightning.training.fit import fit
 from pandora_lightning.world import WorldConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from pandora_lightning.config import ConfigError, RecipeConfig, load_recipe, load_structured
+from pandora_lightning.config import load_structured
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.recipe import RecipeConfig, load_recipe
 from pandora_lightning.data.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ def test_every_recipe_loads(path):
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem == "score"], ids=lambda p: str(p.parent.name))
 def test_every_score_recipe_loads(path):
-    from pandora_lightning.score import load_score_config
+    from pandora_lightning.evaluation.config import load_score_config
 
     cfg = load_score_config(path)
     assert cfg.checkpoint.endswith(".ckpt") and cfg.manifest.endswith(".yaml")
@@ -53,22 +55,22 @@ def test_override_wins_over_yaml():
     ],
 )
 def test_bad_recipe_values_name_the_key(override, message):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(PandoraError) as err:
         load_recipe(ROOT / "recipes/tiny/align.yaml", [override])
     assert message in str(err.value)
     assert "align.yaml" in str(err.value)
 
 
 def test_distillation_without_a_text_encoder_is_refused():
-    with pytest.raises(ConfigError, match="needs the generator's text encoder: set model.text_encoder.enabled=true"):
+    with pytest.raises(PandoraError, match="needs the generator's text encoder: set model.text_encoder.enabled=true"):
         load_recipe(ROOT / "recipes/tiny/align.yaml", ["model.text_encoder.enabled=false"])
 
 
 def test_override_without_equals_sign():
-    with pytest.raises(ConfigError, match="key=value"):
+    with pytest.raises(PandoraError, match="key=value"):
         load_structured(RecipeConfig, [["trainer.max_steps"]], "recipe")
 
 
 def test_missing_recipe_file():
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(PandoraError, match="does not exist"):
         load_recipe("recipes/none/align.yaml")

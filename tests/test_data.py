@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pandora_lightning.config import ConfigError, DataConfig
+from pandora_lightning.data.config import DataConfig
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.data import loader as loader_module
 from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, TooManyBadSamples
 from pandora_lightning.data.loader import training_loader
@@ -145,7 +146,7 @@ def test_too_many_bad_samples_stop_the_run():
 
 def test_manifest_errors(tmp_path, world_manifest):
     manifest = load_manifest(world_manifest)
-    with pytest.raises(ConfigError, match="no shard sets for split 'test'"):
+    with pytest.raises(PandoraError, match="no shard sets for split 'test'"):
         manifest.sets_for("test")
     (tmp_path / "a.tar").write_bytes(b"")
     cases = {
@@ -163,7 +164,7 @@ def test_manifest_errors(tmp_path, world_manifest):
     }
     for i, (body, message) in enumerate(cases.items()):
         (tmp_path / f"m{i}.yaml").write_text(body + "\n")
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(PandoraError, match=message):
             load_manifest(tmp_path / f"m{i}.yaml")
     (tmp_path / "ok.yaml").write_text("sets:\n- {split: train, domain: a, shards: ['a.tar', 'pipe:cat a.tar', 'https://h/b-{0..1}.tar'], samples: 3}\n")
     ok = load_manifest(tmp_path / "ok.yaml")
@@ -219,7 +220,7 @@ def test_seed_changes_the_order(tmp_path):
 
 def test_epoch_shorter_than_a_batch_is_refused(tmp_path):
     manifest = write_sets(tmp_path, {"meadow": (1, 2)})
-    with pytest.raises(ConfigError, match="less than one batch"):
+    with pytest.raises(PandoraError, match="less than one batch"):
         len(make_loader(manifest, batch=4))
 
 

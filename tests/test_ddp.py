@@ -4,7 +4,7 @@ import json
 import lightning as L
 import torch
 
-from pandora_lightning import train
+from pandora_lightning.training import fit as train
 from tests.conftest import tiny_recipe
 from tests.test_data import write_sets
 

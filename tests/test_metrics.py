@@ -10,21 +10,20 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from pandora_lightning.config import ConfigError
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.data.dataset import iterate_split
 from pandora_lightning.data.manifest import load_manifest
-from pandora_lightning.evaluate import to_tensor
-from pandora_lightning.metrics import (
-    ActionFollowing,
+from pandora_lightning.data.frames import from_numpy
+from pandora_lightning.evaluation.metrics import (
     ClipEmbedder,
     FrechetVideoDistance,
-    TemporalConsistency,
     TextVideoSimilarity,
     VideoDetector,
     VideoPSNR,
     VideoSSIM,
     frechet_distance,
 )
+from pandora_lightning.world.metrics import ActionFollowing, TemporalConsistency
 from pandora_lightning.world import DOMAINS, WorldConfig, render_states, sample_episode, simulate, valid_actions
 
 WORLD = WorldConfig()
@@ -113,14 +112,14 @@ def test_fvd_is_zero_on_itself_and_grows_with_noise(tmp_path):
 
 
 def test_fvd_detector_bad_files_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="missing.pt' does not exist"):
+    with pytest.raises(PandoraError, match="missing.pt' does not exist"):
         VideoDetector(tmp_path / "missing.pt")
     torch.save(TinyDetector().state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(ConfigError, match="weights.pt' is not a TorchScript file"):
+    with pytest.raises(PandoraError, match="weights.pt' is not a TorchScript file"):
         VideoDetector(tmp_path / "weights.pt")
     detector = VideoDetector(save_detector(tmp_path / "small.pt", features=16))  # expects I3D's 400
     metric = FrechetVideoDistance(detector)
-    with pytest.raises(ConfigError, match=r"small.pt' gives features of shape \(2, 16\); expected \(batch, 400\)"):
+    with pytest.raises(PandoraError, match=r"small.pt' gives features of shape \(2, 16\); expected \(batch, 400\)"):
         metric.update(smooth_videos(2), real=True)
 
 
@@ -195,8 +194,8 @@ def test_ground_truth_world_videos_score_perfectly(world_manifest):
     temporal = TemporalConsistency(WORLD.cond_frames, WORLD.round_frames)
     for split in ("val", "transfer"):
         for _, frames, meta in iterate_split(load_manifest(world_manifest), split):
-            metric.update(to_tensor(frames)[None], [meta])  # decoded from the shards' mp4
-            temporal.update(to_tensor(frames)[None], [meta])
+            metric.update(from_numpy(frames)[None], [meta])  # decoded from the shards' mp4
+            temporal.update(from_numpy(frames)[None], [meta])
     report = metric.report()["action_following"]
     assert report["count"] == 3 * (4 * 2 + 2)
     assert report["overall"] == 1.0 and report["per_round"] == [1.0, 1.0, 1.0]
@@ -248,9 +247,9 @@ def test_temporal_consistency_sees_a_lost_object_and_a_stained_background():
 def tiny_clip(path) -> str:
     from transformers import CLIPConfig, CLIPModel
 
-    from pandora_lightning.models.tokenizer import build_word_tokenizer
+    from pandora_lightning.models.tokenizer import build_word_tokenizer, words_of
 
-    tokenizer = build_word_tokenizer(["a red disc moves left", "a blue square grows"])
+    tokenizer = build_word_tokenizer(words_of(["a red disc moves left", "a blue square grows"]))
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=16, eos_token_id=2, bos_token_id=1, pad_token_id=0),
@@ -281,5 +280,5 @@ def test_text_video_similarity_matches_clip_forward(tmp_path):
     expected = torch.stack([(100 * cosine[b, :, b]).clamp(min=0).mean() for b in range(2)]).double()
     torch.testing.assert_close(out["clip_score/per_domain"], expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["clip_score"], expected.mean(), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ConfigError, match="nowhere' is not a directory written by save_pretrained"):
+    with pytest.raises(PandoraError, match="nowhere' is not a directory written by save_pretrained"):
         ClipEmbedder(tmp_path / "nowhere")

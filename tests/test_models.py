@@ -6,13 +6,14 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel, UNetSpatioTemporalConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from pandora_lightning.config import load_recipe
+from pandora_lightning.recipe import load_recipe
 from pandora_lightning.models.generator import GeneratorConfig, VideoGenerator
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
 from pandora_lightning.models.text_encoder import TextEncoder, TextEncoderConfig
-from pandora_lightning.models.tokenizer import build_word_tokenizer
+from pandora_lightning.models.tokenizer import build_word_tokenizer, words_of
+from pandora_lightning.inference.rollout import rollout
 from pandora_lightning.models.world_model import WorldModel, WorldModelConfig
-from pandora_lightning.stages import AlignStage
+from pandora_lightning.training.stage import AlignStage
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["move left", "go right", "a red disc on a green meadow grows"]
@@ -21,7 +22,7 @@ CORPUS = ["move left", "go right", "a red disc on a green meadow grows"]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return WorldModel(WorldModelConfig(generator=GeneratorConfig(num_inference_steps=2)), CORPUS).eval()
+    return WorldModel(WorldModelConfig(generator=GeneratorConfig(num_inference_steps=2)), words_of(CORPUS)).eval()
 
 
 def test_context_shape(model):
@@ -40,25 +41,25 @@ def test_query_states_do_not_depend_on_padding(model):
 
 def test_rollout_keeps_start_and_conditions_each_round(model):
     start = torch.rand(2, 3, 32, 32) * 2 - 1
-    video = model.rollout(start, [["move left", "grows"], ["go right", "go right"]], seed=1)
+    video = rollout(model, start, [["move left", "grows"], ["go right", "go right"]], seed=1)
     assert video.shape == (2, 2 + 2 * 4, 3, 32, 32)
     torch.testing.assert_close(video[:, 0], start)
     torch.testing.assert_close(video[:, 1], start)
-    again = model.rollout(start, [["move left", "grows"], ["go right", "go right"]], seed=1)
+    again = rollout(model, start, [["move left", "grows"], ["go right", "go right"]], seed=1)
     torch.testing.assert_close(video, again)
 
 
 def test_rollout_noise_does_not_depend_on_the_batch(model):
     start = torch.rand(2, 3, 32, 32) * 2 - 1
-    both = model.rollout(start, [["move left", "grows"]], seed=5)
-    second = model.rollout(start[1:], [["grows"]], seed=6)  # sample 1 of the batch draws from seed + 1
+    both = rollout(model, start, [["move left", "grows"]], seed=5)
+    second = rollout(model, start[1:], [["grows"]], seed=6)  # sample 1 of the batch draws from seed + 1
     torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("actions", [[], [["move left"]]])
 def test_rollout_rejects_bad_action_lists(model, actions):
     with pytest.raises(ValueError, match="one list of 2 action texts per round"):
-        model.rollout(torch.zeros(2, 3, 32, 32), actions)
+        rollout(model, torch.zeros(2, 3, 32, 32), actions)
 
 
 def test_generator_sample_returns_given_frames_first():
@@ -92,7 +93,7 @@ def _save_pretrained_dirs(root: Path) -> dict[str, Path]:
     SiglipVisionModel(
         SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     ).save_pretrained(root / "vision")
-    tokenizer = build_word_tokenizer(CORPUS)
+    tokenizer = build_word_tokenizer(words_of(CORPUS))
     LlamaForCausalLM(
         LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(root / "llm")
@@ -150,19 +151,19 @@ def test_world_model_from_pretrained_dirs_through_a_recipe(tmp_path):
     parts["loss"].backward()
     assert torch.isfinite(parts["loss"])
     assert model.output_adapter.proj_out.weight.grad is not None and model.generator.unet.conv_in.weight.grad is None
-    video = model.rollout(torch.zeros(1, 3, 32, 32), [["move left"]])
+    video = rollout(model, torch.zeros(1, 3, 32, 32), [["move left"]])
     assert video.shape == (1, 6, 3, 32, 32)
 
 
 def test_tiny_text_encoder_gives_one_embedding_per_query_slot():
-    encoder = TextEncoder(TextEncoderConfig(enabled=True), num_tokens=8, width=64, tiny_corpus=CORPUS)
+    encoder = TextEncoder(TextEncoderConfig(enabled=True), num_tokens=8, width=64, vocabulary=words_of(CORPUS))
     out = encoder(["move left", "a red disc on a green meadow grows", ""])
     assert out.shape == (3, 8, 64)
     assert (out[0] - out[1]).abs().mean() > 0.1, "different texts must get different embeddings"
 
 
 def test_text_encoder_that_does_not_fit_the_generator_is_rejected(tmp_path):
-    tokenizer = build_word_tokenizer(CORPUS)
+    tokenizer = build_word_tokenizer(words_of(CORPUS))
     CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=0,
                                  pad_token_id=0)).save_pretrained(tmp_path)
@@ -176,13 +177,13 @@ def test_text_encoder_that_does_not_fit_the_generator_is_rejected(tmp_path):
 def test_guided_rollout_runs_two_contexts_and_differs_from_unguided():
     torch.manual_seed(0)
     cfg = WorldModelConfig(generator=GeneratorConfig(num_inference_steps=2))
-    model = WorldModel(cfg, CORPUS).eval()
+    model = WorldModel(cfg, words_of(CORPUS)).eval()
     start = torch.rand(2, 3, 32, 32) * 2 - 1
-    plain = model.rollout(start, [["move left", "go right"]], seed=3)
+    plain = rollout(model, start, [["move left", "go right"]], seed=3)
     calls = []
     model.generator.unet.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     cfg.generator.guidance_scale = 3.0
-    guided = model.rollout(start, [["move left", "go right"]], seed=3)
+    guided = rollout(model, start, [["move left", "go right"]], seed=3)
     assert calls == [4, 4], "one UNet call a step on the text and the empty-text batch together"
     assert not torch.allclose(plain, guided)
 

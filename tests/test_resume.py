@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from pandora_lightning import train
-from pandora_lightning.stages.base import load_checkpoint_file
+from pandora_lightning.training import fit as train
+from pandora_lightning.training.checkpoint import load_checkpoint_file
 from tests.conftest import tiny_recipe
 from tests.test_ddp import KeysToFile
 

@@ -12,10 +12,15 @@ from PIL import Image
 from pandora_lightning.cli import main
 from pandora_lightning.data.dataset import iterate_split
 from pandora_lightning.data.manifest import load_manifest, write_manifest
-from pandora_lightning.evaluate import evaluate_split, to_tensor, to_uint8
-from pandora_lightning.score import ScoreConfig, load_score_config, run_score, score_split
-from pandora_lightning.stages import load_stage
-from pandora_lightning.train import fit
+from pandora_lightning.data.frames import from_numpy, to_uint8
+from pandora_lightning.evaluation.config import ScoreConfig, load_score_config
+from pandora_lightning.evaluation.score import run_score
+from pandora_lightning.evaluation.loop import load_episodes, run_episodes
+from pandora_lightning.evaluation.suite import MetricSuite
+from pandora_lightning.world.metrics import WORLD_METRICS
+from pandora_lightning.training.checkpoint import load_stage
+from pandora_lightning.recipe import score_callbacks
+from pandora_lightning.training.fit import fit
 from pandora_lightning.world import DOMAINS, ObjectState, parse_action, render_states, simulate, valid_actions
 from tests.conftest import RECIPES, tiny_recipe
 from tests.test_metrics import save_detector
@@ -86,7 +91,7 @@ class SimulatedRollout(torch.nn.Module):
     def rollout(self, start: torch.Tensor, actions: list[list[str]], seed: int = 0) -> torch.Tensor:
         rng = np.random.default_rng(seed)
         videos = []
-        for b, first in enumerate(to_uint8(start[:, None])[:, 0]):
+        for b, first in enumerate(to_uint8(start).movedim(1, -1).numpy()):
             meta = self.starts[first.tobytes()]
             domain = DOMAINS[meta["domain"]]
             x, y, radius, *color = meta["states"][0]
@@ -96,15 +101,17 @@ class SimulatedRollout(torch.nn.Module):
                 action = parse_action(texts[b]) if self.follow else options[int(rng.integers(len(options)))]
                 states += simulate(domain, states[-1], action, self.new_frames)
             videos.append(render_states(domain, states, 32))
-        return to_tensor(np.stack(videos))
+        return from_numpy(np.stack(videos))
 
 
 @pytest.mark.parametrize("follow", [True, False])
 def test_scoring_exact_rollouts(world_manifest, follow):
     episodes = list(iterate_split(load_manifest(world_manifest), "val"))
-    result = score_split(SimulatedRollout(episodes, follow), episodes, ScoreConfig(batch_size=3), (None, None, {}), None, "val")
-    metrics = result["metrics"]
-    assert result["rounds"] == 8 * 3
+    model = SimulatedRollout(episodes, follow)
+    suite = MetricSuite(episodes, model.cond_frames, model.new_frames, plugins=[WORLD_METRICS])
+    rounds = run_episodes(model, episodes, suite, batch_size=3, rollout_fn=lambda m, start, actions, seed: m.rollout(start, actions, seed))
+    metrics = suite.report()
+    assert rounds == 8 * 3
     assert metrics["temporal_object"]["overall"] == 1.0 and metrics["temporal_background"]["overall"] == 1.0
     if follow:
         assert metrics["action_following"]["overall"] == 1.0
@@ -117,8 +124,10 @@ def test_scoring_exact_rollouts(world_manifest, follow):
 def test_demo_evaluation_uses_the_metric(align_checkpoint, world_manifest, tmp_path):
     model = load_stage(align_checkpoint).model
     model.generator.cfg.num_inference_steps = 1
-    metric = evaluate_split(model, load_manifest(world_manifest), "transfer", limit=1, batch_size=1, out_dir=tmp_path)
-    report = metric.report()["action_following"]
+    episodes = load_episodes(load_manifest(world_manifest), "transfer", 1, model.cfg.generator.image_size)
+    suite = MetricSuite(episodes, model.cond_frames, model.new_frames, plugins=[WORLD_METRICS])
+    run_episodes(model, episodes, suite, batch_size=1, media_dir=tmp_path, name="transfer")
+    report = suite.report()["action_following"]
     assert report["count"] == 3 and set(report["per_domain"]) == {"desert"}
     assert len(list(tmp_path.glob("*.mp4"))) == 1 and (tmp_path / "transfer-sheet-000.png").is_file()
 
@@ -174,7 +183,7 @@ def test_fvd_through_the_command(align_checkpoint, world_manifest, tmp_path, cap
 def test_scores_are_logged_during_fit(world_manifest, tmp_path):
     recipe = tiny_recipe("align", world_manifest, tmp_path / "align", "eval.every_n_steps=1", "eval.split=transfer",
                          "eval.per_domain=1", "model.generator.num_inference_steps=1")
-    fit(recipe)
+    fit(recipe, score_callbacks(recipe, [WORLD_METRICS]))
     lines = (tmp_path / "align" / "logs" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
     column = header.index("score/action_following")

@@ -7,9 +7,10 @@ import webdataset as wds
 from PIL import Image
 
 from pandora_lightning.cli import main
-from pandora_lightning.config import ConfigError, DataConfig
-from pandora_lightning.data.build import BuildSettings, build_shards, read_index
-from pandora_lightning.data.checks import inspect_shards, verify_shards
+from pandora_lightning.data.config import DataConfig
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.data.tools.build import BuildSettings, build_shards, read_index
+from pandora_lightning.data.tools.checks import inspect_shards, verify_shards
 from pandora_lightning.data.loader import training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.data.video import decode_mp4, encode_mp4, write_mp4
@@ -91,7 +92,7 @@ def test_build_resumes_without_rewriting_finished_shards(folder, tmp_path):
     assert _samples(out) == samples
     lines = (out / "index.jsonl").read_text().splitlines()
     assert len(lines) == 6 and len({json.loads(line)["key"] for line in lines}) == 6
-    with pytest.raises(ConfigError, match="other settings .*frames"):
+    with pytest.raises(PandoraError, match="other settings .*frames"):
         build_shards(root / "index.jsonl", out, BuildSettings(frames=6, fps=FPS, size=(32, 32)), progress=False)
 
 
@@ -125,7 +126,7 @@ def test_build_from_csv_with_segments_frame_actions_and_a_broken_video(folder, t
 )
 def test_bad_index_rows_are_named(tmp_path, line, message):
     (tmp_path / "index.jsonl").write_text(line + "\n")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(PandoraError, match=message):
         read_index(tmp_path / "index.jsonl")
 
 

@@ -4,9 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pandora_lightning.config import ConfigError, load_recipe
-from pandora_lightning.stages import STAGES, load_stage
-from pandora_lightning.train import fit
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.recipe import load_recipe
+from pandora_lightning.training.checkpoint import init_from, load_stage
+from pandora_lightning.training.stage import STAGES
+from pandora_lightning.training.fit import fit
 from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def test_frozen_components_stay_in_eval_mode():
 
 def test_unknown_trainable_pattern_is_rejected():
     recipe = load_recipe(ROOT / "recipes/tiny/align.yaml", ["trainable=[output_adaptor.*]"])
-    with pytest.raises(ConfigError, match=r"match no parameter.*output_adapter"):
+    with pytest.raises(PandoraError, match=r"match no parameter.*output_adapter"):
         STAGES["align"].from_recipe(recipe)
 
 
@@ -70,18 +72,18 @@ def test_instruct_starts_from_align_and_trains(world_manifest, align_checkpoint,
 def test_init_from_a_mismatched_checkpoint_is_refused(world_manifest, align_checkpoint, tmp_path):
     recipe = tiny_recipe("instruct", world_manifest, tmp_path / "i", "model.llm.num_layers=1")
     module = STAGES["instruct"].from_recipe(recipe)
-    with pytest.raises(ConfigError, match="does not match this recipe's model"):
-        module.init_from(align_checkpoint)
+    with pytest.raises(PandoraError, match="does not match this recipe's model"):
+        init_from(module, align_checkpoint)
 
 
 def test_bad_checkpoint_files_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(PandoraError, match="does not exist"):
         load_stage(tmp_path / "none.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
-    with pytest.raises(ConfigError, match="junk.ckpt' cannot be read"):
+    with pytest.raises(PandoraError, match="junk.ckpt' cannot be read"):
         load_stage(tmp_path / "junk.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
-    with pytest.raises(ConfigError, match="not a pandora-lightning stage checkpoint"):
+    with pytest.raises(PandoraError, match="not a pandora-lightning stage checkpoint"):
         load_stage(tmp_path / "other.ckpt")
 
 

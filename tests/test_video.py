@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from pandora_lightning.data.video import contact_sheet, decode_mp4, encode_mp4, save_png, write_mp4
-from pandora_lightning.data.world_shards import write_world_shards
+from pandora_lightning.world.shards import write_world_shards
 from pandora_lightning.world import (
     DOMAINS,
     TRANSFER_DOMAIN,

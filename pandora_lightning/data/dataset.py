@@ -25,13 +25,14 @@ import webdataset as wds
 
 from pandora_lightning.data.manifest import Manifest
 from pandora_lightning.data.video import decode_mp4
+from pandora_lightning.errors import PandoraError
 
 log = logging.getLogger(__name__)
 TEXT_KINDS = ("caption", "action")
 
 
-class TooManyBadSamples(RuntimeError):
-    pass
+class TooManyBadSamples(PandoraError):
+    """More corrupt samples than `data.max_bad_fraction` allows."""
 
 
 @dataclass
@@ -147,3 +148,14 @@ def iterate_split(manifest: Manifest, split: str, per_domain: int | None = None)
             seen[meta.get("domain", "")] += 1
             if per_domain is None or seen[meta.get("domain", "")] <= per_domain:
                 yield sample["__key__"], decode_mp4(sample["mp4"]), meta
+
+
+def split_texts(manifest: Manifest, split: str) -> list[str]:
+    """Every caption and action text of a split, read from the samples' JSON (no video decoded)."""
+    texts: list[str] = []
+    for shard_set in manifest.sets_for(split):
+        for sample in read_shards(manifest.urls(shard_set), wds.reraise_exception):
+            meta = json.loads(sample["json"])
+            texts += [meta["caption"]] if meta.get("caption") else []
+            texts += [a["text"] for a in meta.get("actions", []) if a.get("text")]
+    return texts

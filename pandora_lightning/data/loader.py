@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from pandora_lightning.config import ConfigError, DataConfig
+from pandora_lightning.data.config import DataConfig
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.data.dataset import check_bad_fraction
 from pandora_lightning.data.manifest import Manifest
 from pandora_lightning.data.stream import SetSpec, ShardStream, StreamConfig
@@ -67,7 +68,7 @@ class ShardLoader:
         _, world = dist_info()
         batches = self.epoch_samples // (world * self.batch_size)
         if batches < 1:
-            raise ConfigError(
+            raise PandoraError(
                 f"an epoch of {self.epoch_samples} samples is less than one batch of {self.batch_size} on each of "
                 f"{world} rank(s); raise data.epoch_samples or lower data.batch_size"
             )

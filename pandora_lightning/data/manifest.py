@@ -24,7 +24,8 @@ from typing import ClassVar
 from braceexpand import braceexpand
 from omegaconf import OmegaConf
 
-from pandora_lightning.config import ConfigError, load_structured
+from pandora_lightning.config import load_structured
+from pandora_lightning.errors import PandoraError
 
 WEIGHT_TOLERANCE = 1e-3
 
@@ -67,7 +68,7 @@ class Manifest:
     def sets_for(self, split: str) -> list[ShardSet]:
         sets = [s for s in self.sets if s.split == split]
         if not sets:
-            raise ConfigError(
+            raise PandoraError(
                 f"manifest {self.path}: no shard sets for split '{split}' (it has: {', '.join(self.splits()) or 'none'})"
             )
         return sets
@@ -87,13 +88,13 @@ class Manifest:
                 matches = sorted(glob.glob(full)) if any(c in expanded for c in "*?[") else [full]
                 missing = [m for m in matches if not Path(m).is_file()]
                 if missing:
-                    raise ConfigError(
+                    raise PandoraError(
                         f"manifest {self.path}: set '{shard_set.split}/{shard_set.domain}' names missing shard "
                         f"{missing[0]}; build the shards first (e.g. `pandora-lightning shards world`)"
                     )
                 urls.extend(matches)
         if not urls:
-            raise ConfigError(
+            raise PandoraError(
                 f"manifest {self.path}: set '{shard_set.split}/{shard_set.domain}' has no shards "
                 f"(patterns {shard_set.shards} matched nothing under {root})"
             )
@@ -105,13 +106,13 @@ class Manifest:
         for shard_set in self.sets:
             pair = (shard_set.split, shard_set.domain)
             if pair in seen:
-                raise ConfigError(f"manifest {self.path}: set '{pair[0]}/{pair[1]}' appears twice; merge its shards")
+                raise PandoraError(f"manifest {self.path}: set '{pair[0]}/{pair[1]}' appears twice; merge its shards")
             seen.add(pair)
         for split in self.splits():
             weights = [s.weight for s in self.sets_for(split)]
             if abs(sum(weights) - 1) > WEIGHT_TOLERANCE:
                 hint = ", ".join(f"{s.domain}: {s.weight / sum(weights):.4g}" for s in self.sets_for(split))
-                raise ConfigError(
+                raise PandoraError(
                     f"manifest {self.path}: the weights of split '{split}' sum to {sum(weights):.4g}, not 1 "
                     f"(the same mix normalised: {hint})"
                 )
@@ -119,12 +120,15 @@ class Manifest:
             self.urls(shard_set)
 
 
-def load_manifest(path: str | Path, check_shards: bool = True) -> Manifest:
+def load_manifest(path: str | Path | None, check_shards: bool = True) -> Manifest:
     """Read and validate a manifest; `check_shards=False` skips looking for the shard files."""
+    if path is None:
+        raise PandoraError("no data manifest given: set data.manifest (e.g. data_manifests/world.yaml, which "
+                           "`pandora-lightning shards world` writes) or --manifest")
     manifest = load_structured(Manifest, [path], f"manifest {path}")
     manifest.path = str(path)
     if not manifest.sets:
-        raise ConfigError(f"manifest {path}: it lists no shard sets under 'sets'")
+        raise PandoraError(f"manifest {path}: it lists no shard sets under 'sets'")
     manifest.check(check_shards)
     return manifest
 

@@ -174,7 +174,7 @@ class VideoGenerator(nn.Module):
             cond = torch.cat([cond, mask], dim=2)
         return cond
 
-    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """One UNet call. noisy (B, T, C, h, w), cond from `condition`, context (B, N, Dctx) -> (B, T, C, h, w)."""
         sample = torch.cat([noisy, cond], dim=2)
         context = context.to(self.unet.dtype)
@@ -209,8 +209,8 @@ class VideoGenerator(nn.Module):
         """One denoising prediction, with classifier-free guidance when an unconditional context is given."""
         b = x.shape[0]
         if uncond is None:
-            return self.denoise(x, t.expand(b), cond, context).to(x.dtype)
-        both = self.denoise(torch.cat([x, x]), t.expand(2 * b), torch.cat([cond, cond]), torch.cat([context, uncond]))
+            return self(x, t.expand(b), cond, context).to(x.dtype)
+        both = self(torch.cat([x, x]), t.expand(2 * b), torch.cat([cond, cond]), torch.cat([context, uncond]))
         with_text, without = both.to(x.dtype).chunk(2)
         return without + self.cfg.guidance_scale * (with_text - without)
 

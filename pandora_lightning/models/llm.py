@@ -37,7 +37,7 @@ class LLMConfig:
 class LLMBackbone(nn.Module):
     """(B, V, D) state embeddings + B texts -> (B, Q, D) last hidden states at the query tokens."""
 
-    def __init__(self, cfg: LLMConfig, tiny_corpus: Iterable[str] = ()):
+    def __init__(self, cfg: LLMConfig, vocabulary: Iterable[str] = ()):
         super().__init__()
         self.cfg = cfg
         if cfg.pretrained:
@@ -47,7 +47,7 @@ class LLMBackbone(nn.Module):
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
         else:
-            self.tokenizer = build_word_tokenizer(tiny_corpus)
+            self.tokenizer = build_word_tokenizer(vocabulary)
             self.model = LlamaForCausalLM(
                 LlamaConfig(
                     vocab_size=len(self.tokenizer),

@@ -37,7 +37,7 @@ class TextEncoderConfig:
 class TextEncoder(nn.Module):
     """B texts -> (B, N, D): last hidden states of the text padded or truncated to N tokens."""
 
-    def __init__(self, cfg: TextEncoderConfig, num_tokens: int, width: int, tiny_corpus: Iterable[str] = ()):
+    def __init__(self, cfg: TextEncoderConfig, num_tokens: int, width: int, vocabulary: Iterable[str] = ()):
         super().__init__()
         self.num_tokens = num_tokens
         if cfg.pretrained:
@@ -45,7 +45,7 @@ class TextEncoder(nn.Module):
             self.model = CLIPTextModel.from_pretrained(folder)
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
-            self.tokenizer = build_word_tokenizer(tiny_corpus)
+            self.tokenizer = build_word_tokenizer(vocabulary)
             self.model = CLIPTextModel(
                 CLIPTextConfig(
                     vocab_size=len(self.tokenizer),

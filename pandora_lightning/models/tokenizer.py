@@ -1,4 +1,4 @@
-"""A word-level tokenizer built in code, for tiny LLM configs (no files, no downloads)."""
+"""A word-level tokenizer for tiny LLM configs, from a stored vocabulary (no files, no downloads)."""
 from __future__ import annotations
 
 import re
@@ -10,13 +10,18 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>")
 
 
-def build_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
-    """Vocabulary = the sorted set of lower-cased words and punctuation marks of `corpus`.
+def words_of(texts: Iterable[str]) -> list[str]:
+    """The sorted set of lower-cased words and punctuation marks of `texts`: a vocabulary."""
+    return sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
 
-    Sorting makes token ids a pure function of the corpus, so a checkpoint's embedding rows
-    line up with a tokenizer rebuilt later. Unknown words map to <unk>.
+
+def build_word_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Token ids = special tokens, then `vocabulary` in its order; unknown words map to <unk>.
+
+    The vocabulary is stored in every checkpoint, so the embedding rows of a reloaded model line
+    up with its tokenizer whatever the data says later.
     """
-    words = sorted({w for text in corpus for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+    words = [w for w in dict.fromkeys(vocabulary) if w not in SPECIAL_TOKENS]
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()

@@ -1,0 +1,109 @@
+"""The one rollout-and-score loop, shared by `score`, the fit-time scoring callback and the demo:
+held-out episodes -> batched multi-round rollouts -> a `MetricSuite` (and, if asked, media)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pandora_lightning.data.dataset import iterate_split
+from pandora_lightning.data.frames import from_numpy, to_numpy
+from pandora_lightning.data.manifest import Manifest
+from pandora_lightning.data.video import contact_sheet, save_png, write_mp4
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.evaluation.suite import Episode, MetricSuite
+from pandora_lightning.inference.rollout import rollout
+from pandora_lightning.models.world_model import WorldModel
+
+
+# (model, start (B, 3, H, W), actions[r][b], seed) -> (B, Tc + R * F, 3, H, W), all in [-1, 1]
+RolloutFn = Callable[[WorldModel, torch.Tensor, list[list[str]], int], torch.Tensor]
+
+
+@dataclass
+class RolloutBatch:
+    """One batch of held-out episodes and what the model generated from their start frames."""
+
+    index: int  # batch number within the split
+    first: int  # index of the batch's first episode in the split
+    keys: list[str]
+    truth: list[np.ndarray]  # ground-truth frames per episode, (T_i, H, W, 3) uint8
+    episodes: list[dict]  # shard JSON, actions cut to the rounds generated
+    videos: torch.Tensor  # (B, Tc + R * F, 3, H, W) in [-1, 1]
+    rounds: int
+
+
+def load_episodes(manifest: Manifest, split: str, per_domain: int | None, image_size: int) -> list[Episode]:
+    """Up to `per_domain` episodes of each domain of `split`, checked against the model's frame size."""
+    episodes = list(iterate_split(manifest, split, per_domain=per_domain or None))
+    if not episodes:
+        raise PandoraError(f"manifest {manifest.path}: split '{split}' has no samples to score")
+    key, frames, _ = episodes[0]
+    if frames.shape[1:3] != (image_size, image_size):
+        raise PandoraError(
+            f"manifest {manifest.path}: sample {key} is {frames.shape[2]}x{frames.shape[1]} but the checkpoint "
+            f"generates {image_size}x{image_size} frames"
+        )
+    return episodes
+
+
+def rollout_batches(
+    model: WorldModel, episodes: Sequence[Episode], batch_size: int, seed: int = 0, rollout_fn: RolloutFn = rollout
+) -> Iterator[RolloutBatch]:
+    """Roll every episode out from its first frame with its own action texts, one per round.
+
+    A batch runs as many rounds as its shortest episode has actions; episode i's noise comes from
+    seed + i (the rollout seeds each sample apart), so results do not depend on the batch size.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    for first in range(0, len(episodes), batch_size):
+        chunk = episodes[first : first + batch_size]
+        start = from_numpy(np.stack([frames[0] for _, frames, _ in chunk])).to(device)
+        rounds = min(len(meta["actions"]) for _, _, meta in chunk)
+        if rounds < 1:
+            raise PandoraError(f"episode {chunk[0][0]} (or another in its batch) has no actions to roll out")
+        actions = [[meta["actions"][r]["text"] for _, _, meta in chunk] for r in range(rounds)]
+        yield RolloutBatch(
+            index=first // batch_size,
+            first=first,
+            keys=[key for key, _, _ in chunk],
+            truth=[frames for _, frames, _ in chunk],
+            episodes=[{**meta, "actions": meta["actions"][:rounds]} for _, _, meta in chunk],
+            videos=rollout_fn(model, start, actions, seed + first),
+            rounds=rounds,
+        )
+
+
+def write_media(batch: RolloutBatch, out_dir: Path, name: str, fps: int = 8) -> None:
+    """An mp4 per rollout and one contact sheet per batch (ground truth row above generation)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    videos = to_numpy(batch.videos)
+    for key, video, ep in zip(batch.keys, videos, batch.episodes):
+        write_mp4(out_dir / f"{key}.mp4", video, fps=ep.get("fps", fps), scale=4)
+    rows = [r for truth, video in zip(batch.truth, videos) for r in (truth[: len(video)], video)]
+    save_png(out_dir / f"{name}-sheet-{batch.index:03d}.png", contact_sheet(rows, scale=3))
+
+
+def run_episodes(
+    model: WorldModel,
+    episodes: Sequence[Episode],
+    suite: MetricSuite,
+    batch_size: int,
+    seed: int = 0,
+    media_dir: Path | None = None,
+    name: str = "rollouts",
+    rollout_fn: RolloutFn = rollout,
+) -> int:
+    """Roll `episodes` out and update `suite`; writes media into `media_dir` when given. Returns the rounds generated."""
+    rounds = 0
+    with torch.no_grad():
+        for batch in rollout_batches(model, episodes, batch_size, seed, rollout_fn):
+            suite.update(batch.videos, batch.truth, batch.episodes)
+            rounds += batch.rounds * len(batch.keys)
+            if media_dir is not None:
+                write_media(batch, media_dir, name)
+    return rounds

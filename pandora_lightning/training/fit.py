@@ -1,0 +1,87 @@
+"""`fit`: recipe -> data stream, stage module and Lightning Trainer -> checkpoints in the run folder.
+
+Callbacks from outside training (fit-time scoring) are passed in by the caller, which composes
+them (see `cli.py`): training itself knows nothing of evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import OmegaConf
+
+from pandora_lightning.data.loader import ShardLoader, training_loader
+from pandora_lightning.data.manifest import load_manifest
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.callbacks import DataMonitor, RandomState
+from pandora_lightning.training.checkpoint import init_from
+from pandora_lightning.training.recipe import TrainingRecipe
+from pandora_lightning.training.stage import STAGES, WorldModelStage
+from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary, training_texts, warn_unknown_words
+
+
+def train_loader(recipe: TrainingRecipe, text_kind: str) -> ShardLoader:
+    """Split, mixed, resumable shard batches (see pandora_lightning/data/loader.py and stream.py)."""
+    gen = recipe.model.generator
+    manifest = load_manifest(recipe.data.manifest)
+    return training_loader(manifest, recipe.data, text_kind, gen.frames, gen.cond_frames, gen.image_size, recipe.seed)
+
+
+def _logger(recipe: TrainingRecipe, run_dir: Path):
+    if recipe.trainer.logger == "csv":
+        return CSVLogger(save_dir=run_dir, name="logs", version="")
+    if recipe.trainer.logger == "tensorboard":
+        try:
+            return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
+        except ModuleNotFoundError:
+            raise PandoraError("trainer.logger=tensorboard needs `pip install tensorboard`; or use trainer.logger=csv") from None
+    return False
+
+
+def build_trainer(recipe: TrainingRecipe, run_dir: Path, extra_callbacks: list[L.Callback] = (), **overrides) -> L.Trainer:
+    cfg = recipe.trainer
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1, save_last=True
+    )
+    kwargs = dict(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        gradient_clip_val=cfg.gradient_clip_val or None,
+        log_every_n_steps=cfg.log_every_n_steps,
+        logger=_logger(recipe, run_dir),
+        callbacks=[checkpoints, DataMonitor(), RandomState(), *extra_callbacks],
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
+    """Train one stage as the recipe says; returns the path of the final checkpoint."""
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    run_dir = Path(recipe.run_dir)
+    stage_cls = STAGES[recipe.stage]
+    texts = training_texts(recipe) if needs_vocabulary(recipe) else []
+    vocabulary = resolve_vocabulary(recipe, texts)
+    module: WorldModelStage = stage_cls.from_recipe(recipe, vocabulary)
+    if recipe.init_from:
+        init_from(module, recipe.init_from)
+    loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
+    trainer = build_trainer(recipe, run_dir, callbacks)
+    if texts and trainer.is_global_zero:
+        warn_unknown_words(vocabulary, texts)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(recipe), run_dir / "recipe.yaml")
+        (run_dir / "trainable.txt").write_text("\n".join(module.trainable_names) + "\n")
+    trainer.fit(module, loader, ckpt_path=recipe.trainer.resume_from)
+    final = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(final)
+    return final

@@ -1,0 +1,125 @@
+"""The stages: one LightningModule base that both share (build, freeze, loss, optimiser), and the
+align and instruct stages that differ only in name and in the text that steers the generator."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from pandora_lightning import __version__
+from pandora_lightning.config import to_dict
+from pandora_lightning.data.frames import to_model_range
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.models.world_model import WorldModel
+from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
+from pandora_lightning.training.trainable import add_lora, frozen_children, set_trainable, trainable_table
+
+
+class WorldModelStage(L.LightningModule):
+    """Trains the WorldModel with the diffusion loss on (given frames, text) -> clip examples.
+
+    Subclasses name the stage and say which text of a sample steers the generator.
+    """
+
+    stage: ClassVar[str]
+    text_kind: ClassVar[str]  # "caption" or "action"
+
+    def __init__(self, recipe: dict, vocabulary: list[str]):
+        """`recipe`: a training recipe as plain containers; `vocabulary`: the tiny tokenizers' words
+        (see `training.vocabulary`). Both are saved in every checkpoint."""
+        super().__init__()
+        self.recipe: TrainingRecipe = training_recipe_from_dict(recipe)
+        self.save_hyperparameters(
+            {"recipe": to_dict(self.recipe), "stage": self.stage, "version": __version__, "vocabulary": list(vocabulary)}
+        )
+        self.model = WorldModel(self.recipe.model, vocabulary)
+        if self.recipe.lora.rank > 0:
+            add_lora(self.model.llm.model, self.recipe.lora)
+        self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
+        self._frozen = frozen_children(self.model)
+
+    @classmethod
+    def from_recipe(cls, recipe: TrainingRecipe, vocabulary: list[str] | None = None) -> WorldModelStage:
+        """`vocabulary` None: the recipe's vocabulary file, or its training texts' words (`fit` also
+        takes it from the checkpoint a run resumes or starts from)."""
+        if vocabulary is None:
+            from pandora_lightning.training.vocabulary import resolve_vocabulary
+
+            vocabulary = resolve_vocabulary(recipe, from_checkpoints=False)
+        return cls(to_dict(recipe), vocabulary)
+
+    def train(self, mode: bool = True):
+        # Lightning puts the whole module in train mode each epoch; frozen parts stay in eval.
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"[{self.stage}] trainable / frozen parameters:\n{trainable_table(self.model)}")
+
+    def diffusion_loss(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 3, H, W) in [-1, 1], context (B, N, Dctx) -> MSE on the new frames."""
+        n = self.model.cond_frames
+        generator = self.model.generator
+        x0, cond = generator.prepare(frames)
+        noise = torch.randn_like(x0)
+        steps = generator.train_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
+        pred = generator(generator.add_noise(x0, noise, t), t, cond, context)
+        target = generator.training_target(x0, noise, t)
+        return F.mse_loss(pred[:, n:].float(), target[:, n:].float())
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings -> {"loss": weighted total, "diffusion", "distill"}."""
+        cfg = self.recipe.loss
+        frames = to_model_range(batch["frames"], self.dtype)
+        texts = list(batch["text"])
+        if self.training and cfg.text_dropout > 0:
+            drop = torch.rand(len(texts)) < cfg.text_dropout
+            texts = ["" if d else text for d, text in zip(drop.tolist(), texts)]
+        adapter = teacher = None
+        if cfg.context == "adapter" or cfg.distill_weight > 0:
+            adapter = self.model.context(frames[:, : self.model.cond_frames], texts)
+        if cfg.needs_teacher:
+            teacher = self.model.teacher_context(texts)
+        out = {"diffusion": self.diffusion_loss(frames, adapter if cfg.context == "adapter" else teacher)}
+        if cfg.distill_weight > 0:
+            # The teacher is the target, never pulled towards the adapter.
+            out["distill"] = F.mse_loss(adapter.float(), teacher.detach().float())
+        out["loss"] = out["diffusion"] + cfg.distill_weight * out.get("distill", 0.0)
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        parts = self.losses(batch)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch["frames"].shape[0])
+        return parts["loss"]
+
+    def configure_optimizers(self):
+        cfg = self.recipe.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class AlignStage(WorldModelStage):
+    """Stage 1, pretraining alignment: caption-steered generation aligns the LLM side with the generator."""
+
+    stage = "align"
+    text_kind = "caption"
+
+
+class InstructStage(WorldModelStage):
+    """Stage 2, instruction tuning: (state clip, action text) -> next clip, from the align checkpoint."""
+
+    stage = "instruct"
+    text_kind = "action"
+
+
+STAGES: dict[str, type[WorldModelStage]] = {cls.stage: cls for cls in (AlignStage, InstructStage)}

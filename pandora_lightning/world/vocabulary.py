@@ -1,0 +1,29 @@
+"""Every word the built-in world can say: the vocabulary its tiny recipes train with.
+
+`shards world` writes it next to the manifest (data_manifests/world.vocab.txt); the tiny recipes
+name that file as their `vocabulary`, and each checkpoint stores its own copy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pandora_lightning.models.tokenizer import words_of
+from pandora_lightning.world.domains import ACTIONS, DOMAINS
+from pandora_lightning.world.simulator import caption_for
+
+
+def world_corpus() -> list[str]:
+    """All action phrasings, and a caption per domain and colour that uses every verb of the domain."""
+    texts = [text for phrasings in ACTIONS.values() for text in phrasings]
+    for domain in DOMAINS.values():
+        texts += [caption_for(domain, name, list(domain.actions)) for name, _ in domain.palette]
+    return texts
+
+
+def world_vocabulary() -> list[str]:
+    """The sorted words of `world_corpus()`."""
+    return words_of(world_corpus())
+
+
+def vocabulary_path(manifest: str | Path) -> Path:
+    """Where `shards world` writes the vocabulary for a manifest: beside it, <name>.vocab.txt."""
+    return Path(manifest).with_suffix(".vocab.txt")
