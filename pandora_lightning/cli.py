@@ -33,7 +33,7 @@ def _shards_world(args) -> None:
     from pandora_lightning.world.vocabulary import vocabulary_path
 
     cfg = WorldConfig(image_size=args.image_size, seed=args.seed)
-    counts = {"train": args.train, "val": args.val, "transfer": args.transfer}
+    counts = {"train": args.train, "val": args.val, "transfer": args.transfer, "adapt": args.adapt}
     manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard)
     print(f"wrote {sum(s.samples for s in manifest.sets)} episodes in {sum(len(s.shards) for s in manifest.sets)} shards "
           f"under {args.out}; manifest {manifest.path}; vocabulary {vocabulary_path(args.manifest)}")
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--train", type=int, default=512, help="train episodes per domain")
     w.add_argument("--val", type=int, default=32, help="held-out start states per domain")
     w.add_argument("--transfer", type=int, default=32, help="transfer-split episodes")
+    w.add_argument("--adapt", type=int, default=48, help="adaptation-split episodes (the transfer domain, all its actions)")
     w.add_argument("--samples-per-shard", type=int, default=128)
     w.add_argument("--image-size", type=int, default=32)
     w.add_argument("--seed", type=int, default=0)

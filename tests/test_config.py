@@ -17,7 +17,9 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 def test_every_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.stage == path.stem, "a recipe file is named after its stage"
-    assert recipe.run_dir == f"runs/{recipe.name}/{recipe.stage}"
+    # Several adapters share one base: each adapt run has a folder of its own name.
+    adapter = f"/{recipe.lora.name}" if recipe.stage == "adapt" else ""
+    assert recipe.run_dir == f"runs/{recipe.name}/{recipe.stage}{adapter}"
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem == "score"], ids=lambda p: str(p.parent.name))

@@ -60,7 +60,7 @@ def test_instruct_starts_from_align_and_trains(world_manifest, align_checkpoint,
     recipe = tiny_recipe("instruct", world_manifest, tmp_path / "instruct", f"init_from={align_checkpoint}")
     final = fit(recipe)
     tuned = load_stage(final).model
-    assert tuned.llm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == recipe.lora.rank
+    assert tuned.llm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == recipe.lora.llm.rank
     # Frozen LLM base weights came from align unchanged; the trained generator moved.
     torch.testing.assert_close(
         tuned.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight, aligned.llm.model.model.layers[0].self_attn.q_proj.weight

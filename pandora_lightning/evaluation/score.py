@@ -27,10 +27,14 @@ from pandora_lightning.evaluation.suite import Episode, EpisodeMetrics, MetricSu
 from pandora_lightning.training.checkpoint import load_stage
 
 
+TRAINING_SPLITS = ("train", "adapt")
+
+
 def held_out_splits(manifest: Manifest, requested: list[str]) -> list[str]:
     for split in requested:
         manifest.sets_for(split)  # names the manifest and its splits when missing
-    held_out = list(requested) or sorted((s for s in manifest.splits() if s != "train"), key=lambda s: (s != "val", s))
+    # "adapt" holds the adapt stage's training samples: never scored as held out.
+    held_out = list(requested) or sorted((s for s in manifest.splits() if s not in TRAINING_SPLITS), key=lambda s: (s != "val", s))
     if not held_out:
         raise PandoraError(
             f"manifest {manifest.path} has no held-out samples: its only split is 'train'; score needs a 'val' or "

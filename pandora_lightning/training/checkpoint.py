@@ -56,19 +56,23 @@ def stored_vocabulary(ckpt: dict, path: str | Path) -> list[str]:
 def init_from(module: WorldModelStage, path: str | Path) -> None:
     """Start `module` from another checkpoint's model weights (instruct <- align); LoRA layers may be new."""
     ckpt = load_checkpoint_file(path)
+    state = {key.removeprefix("model."): value for key, value in ckpt["state_dict"].items()}
+    load_state_into(module, state, f"checkpoint '{path}' (stage {ckpt['hyper_parameters'].get('stage')})")
+
+
+def load_state_into(module: WorldModelStage, state: dict, what: str) -> None:
+    """Load WorldModel weights `state` into `module.model`; its LoRA layers (absent from `state`) stay as built."""
     own = set(module.model.state_dict())
-    state = {}
-    for key, value in ckpt["state_dict"].items():
-        key = key.removeprefix("model.")
+    mapped = {}
+    for key, value in state.items():
         # peft moves a wrapped layer's weights under .base_layer
         head, _, leaf = key.rpartition(".")
         lora_key = f"{head}.base_layer.{leaf}"
-        state[lora_key if key not in own and lora_key in own else key] = value
-    missing, unexpected = module.model.load_state_dict(state, strict=False)
+        mapped[lora_key if key not in own and lora_key in own else key] = value
+    missing, unexpected = module.model.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if "lora_" not in k]
     if missing or unexpected:
         raise PandoraError(
-            f"checkpoint '{path}' (stage {ckpt['hyper_parameters'].get('stage')}) does not match this recipe's "
-            f"model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"{what} does not match this recipe's model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )

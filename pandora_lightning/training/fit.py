@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from pandora_lightning.data.loader import ShardLoader, training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from
 from pandora_lightning.training.recipe import TrainingRecipe
@@ -66,12 +67,16 @@ def build_trainer(recipe: TrainingRecipe, run_dir: Path, extra_callbacks: list[L
 def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
     """Train one stage as the recipe says; returns the path of the final checkpoint."""
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    if recipe.stage == "adapt":
+        recipe = with_base_model(recipe)
     run_dir = Path(recipe.run_dir)
     stage_cls = STAGES[recipe.stage]
     texts = training_texts(recipe) if needs_vocabulary(recipe) else []
     vocabulary = resolve_vocabulary(recipe, texts)
     module: WorldModelStage = stage_cls.from_recipe(recipe, vocabulary)
-    if recipe.init_from:
+    if recipe.stage == "adapt":
+        init_adapt_from(module, recipe.init_from)
+    elif recipe.init_from:
         init_from(module, recipe.init_from)
     loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
     trainer = build_trainer(recipe, run_dir, callbacks)

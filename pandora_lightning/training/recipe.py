@@ -3,23 +3,56 @@ optimiser, trainer). The top-level `pandora_lightning.recipe.RecipeConfig` adds 
 evaluation block, which training knows nothing about."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pandora_lightning.config import load_structured
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.models.world_model import WorldModelConfig
 
-STAGE_NAMES = ("align", "instruct")
+STAGE_NAMES = ("align", "instruct", "adapt")
+
+
+# An adapter name becomes a key of peft's ModuleDicts and a folder name: no dots or slashes.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+LORA_COMPONENTS = ("llm", "generator", "output_adapter")
+
+
+@dataclass
+class ComponentLora:
+    """peft LoRA on one component; rank 0 leaves the component as it is."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Layer names as peft matches them (a name or a dotted ending: q_proj, attn1.to_q) or one
+    # "re:<regex>" over full module names; null = the component's attention projections (for the
+    # generator: its spatial and its temporal attention).
+    target_modules: list[str] | None = None
+    feed_forward: bool = False  # with the default targets: the feed-forward layers too
+
+    def __post_init__(self):
+        if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora: rank={self.rank} must be >= 0, alpha={self.alpha} > 0 and dropout={self.dropout} in [0, 1)")
 
 
 @dataclass
 class LoraConfig:
-    """peft LoRA on the LLM; rank 0 leaves the LLM as it is."""
+    """peft LoRA adapters per component, all under one adapter name."""
 
-    rank: int = 0
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # The adapter's name: the adapt stage's run folder (runs/<name>/adapt/<lora.name>), `--adapter NAME`.
+    name: str = "default"
+    llm: ComponentLora = field(default_factory=ComponentLora)
+    generator: ComponentLora = field(default_factory=ComponentLora)
+    output_adapter: ComponentLora = field(default_factory=ComponentLora)
+
+    def __post_init__(self):
+        if not ADAPTER_NAME.fullmatch(self.name) or self.name == "base":
+            raise ValueError(f"lora.name='{self.name}': use letters, digits, '_' and '-' ('base' is reserved for no adapter)")
+
+    def components(self) -> dict[str, ComponentLora]:
+        """The components that get an adapter (rank > 0), by name."""
+        return {name: getattr(self, name) for name in LORA_COMPONENTS if getattr(self, name).rank > 0}
 
 
 @dataclass
@@ -106,7 +139,13 @@ class TrainingRecipe:
         if self.stage not in STAGE_NAMES:
             raise ValueError(f"stage='{self.stage}' is unknown; use one of {STAGE_NAMES}")
         if self.run_dir is None:
-            self.run_dir = f"runs/{self.name}/{self.stage}"
+            # Several adapters share one base: each adapt run has its own folder.
+            self.run_dir = f"runs/{self.name}/{self.stage}" + (f"/{self.lora.name}" if self.stage == "adapt" else "")
+        if self.stage == "adapt" and (not self.init_from or not self.lora.components()):
+            raise ValueError(
+                "stage adapt trains LoRA adapters on a base checkpoint: set init_from (an instruct checkpoint) and "
+                "a rank > 0 in at least one of lora.llm, lora.generator, lora.output_adapter"
+            )
         if self.loss.needs_teacher and not self.model.text_encoder.enabled:
             raise ValueError(
                 f"loss.context={self.loss.context} with loss.distill_weight={self.loss.distill_weight} needs the "

@@ -15,7 +15,8 @@ from pandora_lightning.data.frames import to_model_range
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.world_model import WorldModel
 from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
-from pandora_lightning.training.trainable import add_lora, frozen_children, set_trainable, trainable_table
+from pandora_lightning.training.lora import add_lora
+from pandora_lightning.training.trainable import frozen_children, set_trainable, trainable_table
 
 
 class WorldModelStage(L.LightningModule):
@@ -36,8 +37,7 @@ class WorldModelStage(L.LightningModule):
             {"recipe": to_dict(self.recipe), "stage": self.stage, "version": __version__, "vocabulary": list(vocabulary)}
         )
         self.model = WorldModel(self.recipe.model, vocabulary)
-        if self.recipe.lora.rank > 0:
-            add_lora(self.model.llm.model, self.recipe.lora)
+        self.lora_layers = add_lora(self.model, self.recipe.lora)
         self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
         self._frozen = frozen_children(self.model)
 
@@ -122,4 +122,39 @@ class InstructStage(WorldModelStage):
     text_kind = "action"
 
 
-STAGES: dict[str, type[WorldModelStage]] = {cls.stage: cls for cls in (AlignStage, InstructStage)}
+class AdaptStage(WorldModelStage):
+    """LoRA domain adaptation: only the peft adapter `lora.name` trains, on a new domain's shards, on
+    top of an instruct checkpoint whose own LoRA is merged into its weights (see `training.adapt`).
+    At the end of fit the adapter is written in peft's format to <run_dir>/adapter."""
+
+    stage = "adapt"
+    text_kind = "action"
+
+    def __init__(self, recipe: dict, vocabulary: list[str]):
+        super().__init__(recipe, vocabulary)
+        name = self.recipe.lora.name
+        other = [n for n in self.trainable_names if f".lora_A.{name}." not in n and f".lora_B.{name}." not in n]
+        if other:
+            raise PandoraError(
+                f"stage adapt trains the adapter '{name}' only, but `trainable` also selects {other[:3]}"
+                f"{'...' if len(other) > 3 else ''}; use trainable: ['*lora_*']"
+            )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        total = sum(p.numel() for p in self.model.parameters())
+        on = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        layers = ", ".join(f"{c} {len(names)} layers" for c, names in self.lora_layers.items())
+        rank_zero_info(f"[adapt] adapter '{self.recipe.lora.name}': {on:,} of {total:,} parameters train "
+                       f"({100 * on / total:.2f}%); LoRA on {layers}")
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            from pandora_lightning.training.adapters import save_adapter
+
+            out = save_adapter(self.model, self.recipe.lora.name, f"{self.recipe.run_dir}/adapter", self.recipe.init_from,
+                               to_dict(self.recipe))
+            rank_zero_info(f"[adapt] adapter '{self.recipe.lora.name}' written to {out}")
+
+
+STAGES: dict[str, type[WorldModelStage]] = {cls.stage: cls for cls in (AlignStage, InstructStage, AdaptStage)}

@@ -1,23 +1,11 @@
-"""Which parameters a stage trains: LoRA injection, glob-based freezing, and the printed table."""
+"""Which parameters a stage trains: glob-based freezing and the printed table (LoRA injection: lora.py)."""
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
 from torch import nn
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.training.recipe import LoraConfig
-
-
-def add_lora(module: nn.Module, cfg: LoraConfig) -> None:
-    """Inject peft LoRA layers (named *lora_A* / *lora_B*) into `module` in place."""
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
-    try:
-        inject_adapter_in_model(peft_cfg, module)
-    except ValueError as err:
-        raise PandoraError(f"lora.target_modules={list(cfg.target_modules)} do not fit the LLM: {err}") from None
 
 
 def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:

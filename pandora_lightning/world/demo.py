@@ -17,7 +17,7 @@ from pandora_lightning.world.shards import ensure_world
 
 MANIFEST = "data_manifests/world.yaml"
 SHARDS = "data/world"
-COUNTS = {"train": 512, "val": 16, "transfer": 16}
+COUNTS = {"train": 512, "val": 16, "transfer": 16, "adapt": 48}
 
 
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:

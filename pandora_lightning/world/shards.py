@@ -40,12 +40,12 @@ def episode_metadata(ep: Episode, cfg: WorldConfig, split: str) -> dict:
 
 
 def _split_domains(cfg: WorldConfig, split: str) -> tuple[str, ...]:
-    if split != "transfer":
+    if split not in ("transfer", "adapt"):
         return cfg.domains
     if TRANSFER_DOMAIN not in cfg.domains:
         raise ValueError(
-            f"counts asks for the 'transfer' split but cfg.domains={cfg.domains} lacks the transfer "
-            f"domain {TRANSFER_DOMAIN!r}; add it to cfg.domains or drop 'transfer' from counts"
+            f"counts asks for the {split!r} split but cfg.domains={cfg.domains} lacks the transfer "
+            f"domain {TRANSFER_DOMAIN!r}; add it to cfg.domains or drop {split!r} from counts"
         )
     return (TRANSFER_DOMAIN,)
 

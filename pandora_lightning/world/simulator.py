@@ -25,7 +25,9 @@ from pandora_lightning.world.domains import (
     phrase,
 )
 
-SPLITS = ("train", "val", "transfer")
+# "adapt": a few dozen transfer-domain episodes with all of its actions (the held-out ones too),
+# training data for the adapt stage (LoRA); its start states come from their own random stream.
+SPLITS = ("train", "val", "transfer", "adapt")
 # Objects never touch the frame border closer than this (px), so no action is
 # ever clamped and two different actions never give the same trajectory.
 BORDER_MARGIN = 1.0
@@ -253,17 +255,19 @@ def split_actions(domain_name: str, split: str) -> tuple[str, ...] | None:
     """Actions a split may use in a domain; None means all of the domain's actions.
 
     "train"/"val" hide ``TRANSFER_HELD_OUT`` in the transfer domain; "transfer"
-    uses only those held-out actions and only exists for the transfer domain.
+    uses only those held-out actions and "adapt" all of them; both exist only for the transfer domain.
     """
     domain = get_domain(domain_name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-    if split == "transfer":
+    if split in ("transfer", "adapt"):
         if domain_name != TRANSFER_DOMAIN:
             raise ValueError(
-                f"split 'transfer' only exists for the transfer domain {TRANSFER_DOMAIN!r}, "
+                f"split {split!r} only exists for the transfer domain {TRANSFER_DOMAIN!r}, "
                 f"not {domain_name!r}"
             )
+        if split == "adapt":
+            return tuple(domain.actions)
         return tuple(a for a in TRANSFER_HELD_OUT if a in domain.actions)
     if domain_name == TRANSFER_DOMAIN:
         return tuple(a for a in domain.actions if a not in TRANSFER_HELD_OUT)

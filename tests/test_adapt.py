@@ -1,0 +1,121 @@
+"""The adapt stage: only the adapter trains on a base checkpoint, the result is a peft folder that
+loads back onto the base, and a LoRA run resumes exactly."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pandora_lightning.data.dataset import iterate_split
+from pandora_lightning.data.manifest import write_manifest
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.adapters import attach_adapters, read_adapter
+from pandora_lightning.training.checkpoint import load_checkpoint_file, load_stage
+from pandora_lightning.training.fit import fit
+from pandora_lightning.training.lora import use_adapter
+from pandora_lightning.world import WorldConfig
+from pandora_lightning.world.domains import TRANSFER_DOMAIN, TRANSFER_HELD_OUT
+from pandora_lightning.world.shards import write_world_shards
+from tests.conftest import tiny_recipe
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+# The test world's manifest has no adapt split; any split of shards can be a new domain's data.
+ADAPT = ["data.split=train", "lora.name=desert"]
+
+
+def adapt_recipe(manifest, run_dir, base, *overrides):
+    return tiny_recipe("adapt", manifest, run_dir, f"init_from={base}", *ADAPT, *overrides)
+
+
+@pytest.fixture(scope="module")
+def adapted(world_manifest, align_checkpoint, tmp_path_factory):
+    return fit(adapt_recipe(world_manifest, tmp_path_factory.mktemp("adapt") / "desert", align_checkpoint))
+
+
+def test_adapt_trains_only_the_adapter_and_writes_a_peft_folder(adapted, align_checkpoint):
+    run_dir = adapted.parents[1]
+    assert (run_dir / "trainable.txt").read_text().split() == (GOLDEN_DIR / "trainable_adapt.txt").read_text().split()
+    meta = read_adapter(run_dir / "adapter")
+    assert meta["name"] == "desert" and sorted(meta["components"]) == ["generator", "llm"]
+    assert meta["base_checkpoint"] == str(align_checkpoint)
+    for component in ("llm", "generator"):
+        assert (run_dir / "adapter" / component / "adapter_model.safetensors").stat().st_size < 200_000
+    # Every base weight is the base checkpoint's; the adapter moved.
+    base, tuned = load_stage(align_checkpoint).model, load_stage(adapted).model
+    own = dict(tuned.named_parameters())
+    for name, param in base.named_parameters():
+        head, _, leaf = name.rpartition(".")
+        torch.testing.assert_close(own.get(name, own.get(f"{head}.base_layer.{leaf}")), param, rtol=0, atol=0)
+    assert any(p.abs().max() > 0 for n, p in own.items() if "lora_B.desert" in n)
+
+
+def test_adapter_on_the_base_gives_the_adapted_model(adapted, align_checkpoint):
+    tuned = load_stage(adapted).model
+    module = load_stage(align_checkpoint)
+    assert attach_adapters(module, align_checkpoint, [str(adapted.parents[1] / "adapter")]) == ["desert"]
+    torch.manual_seed(0)
+    given = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        use_adapter(module.model, "desert")
+        with_adapter = module.model.context(given, ["move left", "grow"])
+        torch.testing.assert_close(with_adapter, tuned.context(given, ["move left", "grow"]))
+        use_adapter(module.model, None)
+        assert (module.model.context(given, ["move left", "grow"]) - with_adapter).abs().max() > 1e-4
+
+
+def test_adapter_is_found_by_name_beside_the_base_run(adapted, tmp_path):
+    runs = tmp_path / "runs" / "tiny"
+    (runs / "adapt").mkdir(parents=True)
+    (runs / "adapt" / "desert").symlink_to(adapted.parents[1], target_is_directory=True)
+    base = runs / "instruct" / "checkpoints" / "final.ckpt"
+
+    class Stage:
+        stage, model = "adapt", load_stage(adapted).model
+
+    with pytest.raises(PandoraError, match=r"--adapter 'robot' is neither .* \(known there: desert\)"):
+        attach_adapters(Stage(), base, ["robot"])
+    assert attach_adapters(Stage(), base, ["again=desert"]) == ["again"]
+
+
+def test_adapt_resumes_exactly(world_manifest, align_checkpoint, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both runs on one thread: bit for bit
+    try:
+        common = ["data.epoch_samples=6", "trainer.checkpoint_every_n_steps=2"]
+        straight = fit(adapt_recipe(world_manifest, tmp_path / "straight", align_checkpoint, "trainer.max_steps=4", *common))
+        fit(adapt_recipe(world_manifest, tmp_path / "stopped", align_checkpoint, "trainer.max_steps=2", *common))
+        resumed = fit(adapt_recipe(world_manifest, tmp_path / "stopped", align_checkpoint, "trainer.max_steps=4",
+                                   "trainer.resume_from=last", *common))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_checkpoint_file(straight)["state_dict"], load_checkpoint_file(resumed)["state_dict"]
+    lora = [k for k in a if "lora_" in k]
+    assert lora and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_adapt_refuses_what_it_cannot_do(world_manifest, align_checkpoint, adapted, tmp_path):
+    with pytest.raises(PandoraError, match=r"trains the adapter 'desert' only, but `trainable` also selects \['generator"):
+        fit(adapt_recipe(world_manifest, tmp_path / "a", align_checkpoint, "trainable=[generator.unet.conv_in.*,'*lora_*']"))
+    with pytest.raises(PandoraError, match="is an adapt checkpoint"):
+        fit(adapt_recipe(world_manifest, tmp_path / "b", adapted))
+    with pytest.raises(PandoraError, match=r"model differs from its base checkpoint's: model.generator.frames=8 \(the base has 6\)"):
+        fit(adapt_recipe(world_manifest, tmp_path / "c", align_checkpoint, "model.generator.frames=8"))
+    with pytest.raises(PandoraError, match="set init_from"):
+        tiny_recipe("adapt", world_manifest, tmp_path / "d", "init_from=null")
+
+
+def test_world_adapt_split_is_the_transfer_domain_with_every_action(tmp_path):
+    cfg = WorldConfig()
+    records = write_world_shards(tmp_path, cfg, {"adapt": 24, "transfer": 24}, samples_per_shard=64)
+    assert [(r["split"], r["domain"]) for r in records] == [("transfer", TRANSFER_DOMAIN), ("adapt", TRANSFER_DOMAIN)]
+    manifest = write_manifest(tmp_path / "m.yaml", "world", tmp_path, records)
+    adapt = list(iterate_split(manifest, "adapt"))
+    transfer = list(iterate_split(manifest, "transfer"))
+    actions = {a["action"] for _, _, meta in adapt for a in meta["actions"]}
+    assert set(TRANSFER_HELD_OUT) <= actions and len(actions) > len(TRANSFER_HELD_OUT)
+    # None of the transfer test's start states is an adaptation start state.
+    starts = {frames[0].tobytes() for _, frames, _ in adapt}
+    assert not any(frames[0].tobytes() in starts for _, frames, _ in transfer)
+    assert len(starts) == len(adapt) and all(np.asarray(f).ndim == 4 for _, f, _ in adapt)
