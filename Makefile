@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
 
-.PHONY: demo test bench install clean
+.PHONY: demo demo-seeds test bench install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pandora_lightning demo
+
+# The demo trained with 3 seeds: every figure per seed, with mean and spread (about 3x `make demo`).
+demo-seeds: $(STAMP)
+	$(PY) -m pandora_lightning demo --seeds 3 --run-dir runs/demo-seeds
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -32,8 +32,9 @@ def _shards_world(args) -> None:
     from pandora_lightning.world.shards import write_world
     from pandora_lightning.world.vocabulary import vocabulary_path
 
-    cfg = WorldConfig(image_size=args.image_size, seed=args.seed)
-    counts = {"train": args.train, "val": args.val, "transfer": args.transfer, "adapt": args.adapt}
+    cfg = WorldConfig(image_size=args.image_size, seed=args.seed, held_out_rounds=args.held_out_rounds)
+    counts = {"train": args.train, "val": args.val, "transfer": args.transfer, "adapt": args.adapt,
+              "phrasings": args.phrasings}
     manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard)
     print(f"wrote {sum(s.samples for s in manifest.sets)} episodes in {sum(len(s.shards) for s in manifest.sets)} shards "
           f"under {args.out}; manifest {manifest.path}; vocabulary {vocabulary_path(args.manifest)}")
@@ -104,9 +105,14 @@ def _shards_verify(args) -> int:
 
 
 def _demo(args) -> None:
-    from pandora_lightning.world.demo import run_demo
+    from pandora_lightning.world.demo import run_demo, run_seeds
 
-    run_demo(Path(args.run_dir), quick=args.quick)
+    if args.seeds < 1:
+        raise PandoraError(f"demo --seeds {args.seeds}: give at least 1 training seed")
+    if args.seeds == 1:
+        run_demo(Path(args.run_dir), quick=args.quick)
+    else:
+        run_seeds(Path(args.run_dir), args.seeds, quick=args.quick)
 
 
 def _bench(args) -> None:
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--val", type=int, default=32, help="held-out start states per domain")
     w.add_argument("--transfer", type=int, default=32, help="transfer-split episodes")
     w.add_argument("--adapt", type=int, default=48, help="adaptation-split episodes (the transfer domain, all its actions)")
+    w.add_argument("--phrasings", type=int, default=8, help="held-out start states steered by held-out phrasings, per domain")
+    w.add_argument("--held-out-rounds", type=int, default=8, help="rounds of every held-out episode (train: 3)")
     w.add_argument("--samples-per-shard", type=int, default=128)
     w.add_argument("--image-size", type=int, default=32)
     w.add_argument("--seed", type=int, default=0)
@@ -204,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="world shards -> align -> instruct -> multi-round rollouts + accuracy")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+    p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")
     p.set_defaults(run=_demo)
 
     p = verbs.add_parser("bench", help="Lightning step vs a plain PyTorch loop; shard vs per-file loaders; shards build speed")

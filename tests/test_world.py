@@ -20,11 +20,13 @@ from pandora_lightning.world import (
     measure_states,
     parse_action,
     phrase,
+    phrasings,
     random_state,
     render,
     render_states,
     sample_episode,
     simulate,
+    held_out_actions,
     split_actions,
     valid_actions,
 )
@@ -65,14 +67,16 @@ def test_actions_have_unique_phrasings_and_parse_back():
 
 
 def test_parse_action_unknown_lists_valid_phrasings():
-    with pytest.raises(ValueError, match="slide to the left"):
+    with pytest.raises(ValueError, match="slide left"):
         parse_action("teleport")
 
 
 def test_phrase_is_a_known_phrasing_and_covers_options():
     rng = np.random.default_rng(0)
-    seen = {phrase("grow", rng) for _ in range(100)}
-    assert seen == set(ACTIONS["grow"])
+    seen = {phrase("grow", rng) for _ in range(400)}
+    assert seen <= set(phrasings("grow", held_out=False)) and len(seen) > 50
+    held = {phrase("grow", rng, held_out=True) for _ in range(100)}
+    assert held == set(phrasings("grow", held_out=True))
     with pytest.raises(ValueError, match="canonical actions"):
         phrase("fly", rng)
 
@@ -150,12 +154,12 @@ def test_world_config_num_frames():
 
 
 def test_simulate_is_exact():
-    d = DOMAINS["ocean"]  # speed 2.0, grow_rate 0.5
+    d = DOMAINS["space"]  # speed 1.25, grow_rate 0.5
     s = ObjectState(10.0, 12.0, 4.0, (250, 225, 30))
     right = simulate(d, s, "move_right", 3)
-    assert [(t.x, t.y, t.radius) for t in right] == [(12.0, 12.0, 4.0), (14.0, 12.0, 4.0), (16.0, 12.0, 4.0)]
+    assert [(t.x, t.y, t.radius) for t in right] == [(11.25, 12.0, 4.0), (12.5, 12.0, 4.0), (13.75, 12.0, 4.0)]
     up = simulate(d, s, "move_up", 2)
-    assert [(t.x, t.y) for t in up] == [(10.0, 10.0), (10.0, 8.0)]
+    assert [(t.x, t.y) for t in up] == [(10.0, 10.75), (10.0, 9.5)]
     assert [t.radius for t in simulate(d, s, "shrink", 2)] == [3.5, 3.0]
     assert all(t.color == s.color for t in simulate(d, s, "grow", 4))
     with pytest.raises(ValueError, match="not available"):
@@ -228,18 +232,25 @@ def test_sample_episode_is_deterministic_by_seed_and_varied():
 
 def test_sample_episode_respects_allowed_actions():
     rng = np.random.default_rng(2)
+    moves = ("move_left", "move_right", "move_up", "move_down")
     for _ in range(20):
-        ep = sample_episode(CFG, "desert", rng, allowed_actions=("grow", "shrink"))
-        assert {a["action"] for a in ep.actions} <= {"grow", "shrink"}
+        ep = sample_episode(CFG, "meadow", rng, allowed_actions=moves)
+        assert {a["action"] for a in ep.actions} <= set(moves)
+    # Two actions that are often not both valid: some round would leave one choice, which would give it away.
+    with pytest.raises(ValueError, match="give the action away"):
+        for _ in range(20):
+            sample_episode(CFG, "desert", rng, allowed_actions=("grow", "shrink"))
 
 
 def test_split_actions_semantics():
-    assert split_actions("meadow", "train") is None
-    assert split_actions("meadow", "val") is None
+    for split in ("train", "val", "phrasings"):
+        assert split_actions("meadow", split) == DOMAINS["meadow"].actions
     train = split_actions(TRANSFER_DOMAIN, "train")
     assert train and not set(train) & set(TRANSFER_HELD_OUT)
-    assert split_actions(TRANSFER_DOMAIN, "val") == train
-    assert split_actions(TRANSFER_DOMAIN, "transfer") == TRANSFER_HELD_OUT
+    assert split_actions(TRANSFER_DOMAIN, "val") == split_actions(TRANSFER_DOMAIN, "phrasings") == train
+    assert split_actions(TRANSFER_DOMAIN, "transfer") == DOMAINS[TRANSFER_DOMAIN].actions
+    assert held_out_actions(TRANSFER_DOMAIN, "transfer") == TRANSFER_HELD_OUT
+    assert held_out_actions(TRANSFER_DOMAIN, "val") == held_out_actions("meadow", "train") == ()
     with pytest.raises(ValueError, match="transfer domain"):
         split_actions("meadow", "transfer")
     with pytest.raises(ValueError, match="unknown split"):

@@ -1,7 +1,9 @@
 """The human side of `score`: a markdown table and two PNG plots (drawn with Pillow).
 
 - scores.md: per split, one row per domain (and "all") and one column per metric; then one row
-  per rollout round; then the skipped metrics with their reasons.
+  per rollout round; then the skipped metrics with their reasons. A metric that reports them gets
+  its 95% interval ("interval", "per_domain_interval") and its chance level ("baseline": the best
+  predictor that ignores the action text) printed in the same cell: `0.950 [0.91, 0.98] (chance 0.27)`.
 - domains.png: a panel per metric, a bar per (split, domain), coloured by split.
 - rounds.png: a panel per metric that has per-round values, a line per split (drift over rounds).
 """
@@ -13,7 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 # name -> (label, higher is better, what it measures)
 METRICS = {
-    "action_following": ("action following", True, "share of rounds whose measured motion is the given action (world)"),
+    "action_following": ("action following (strict)", True, "share of rounds that keep the object and change it as the "
+                         "action says, within 35% of the domain's rate (world)"),
+    "action_following_lenient": ("action following (lenient)", True, "share of rounds whose nearest candidate trajectory is "
+                                 "the given action: any motion the right way counts (world)"),
+    "action_following_held_out": ("held-out actions (strict)", True, "strict action following on rounds whose action the "
+                                  "domain never showed in training (world transfer split)"),
     "temporal_object": ("object kept", True, "share of generated frames keeping the start object's colour and shape (world)"),
     "temporal_background": ("background kept", True, "share of background pixels kept within tolerance (world)"),
     "psnr": ("PSNR dB", True, "generated vs ground-truth frames, mean over generated frames"),
@@ -36,6 +43,23 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
+def _cell(entry: dict, domain: str | None = None) -> str:
+    """A value, with its 95% interval and the text-ignoring chance level where the metric reports them."""
+    chance = entry.get("baseline") or {}
+    if domain is None:
+        value, interval, chance = entry.get("overall"), entry.get("interval"), chance.get("overall")
+    else:
+        value = entry.get("per_domain", {}).get(domain)
+        interval = entry.get("per_domain_interval", {}).get(domain)
+        chance = chance.get("per_domain", {}).get(domain)
+    text = _fmt(value)
+    if value is not None and interval:
+        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    if value is not None and chance is not None:
+        text += f" (chance {chance:.2f})"
+    return text
+
+
 def _ordered(metrics: dict) -> list[str]:
     return [m for m in METRICS if m in metrics] + [m for m in metrics if m not in METRICS]
 
@@ -47,14 +71,18 @@ def markdown(scores: dict) -> str:
         f"stage {scores['stage']}, manifest {scores['manifest']}, seed {scores['seed']}, "
         f"{scores['per_domain'] or 'all'} episodes per domain, {scores['wall_seconds']} s",
     ]
+    entries = [e for res in scores["splits"].values() for e in res["metrics"].values()]
+    if any("interval" in e or "baseline" in e for e in entries):
+        lines.append("value [95% bootstrap interval over episodes] (chance: the best text-ignoring, state-aware "
+                     "predictor on the same rounds)")
     for split, res in scores["splits"].items():
         names = _ordered(res["metrics"])
         lines += ["", f"## {split}: {res['episodes']} episodes, {res['rounds']} rounds", ""]
         lines += ["| domain | " + " | ".join(_label(n) for n in names) + " |", "| --- |" + " ---: |" * len(names)]
         domains = sorted({d for n in names for d in res["metrics"][n].get("per_domain", {})})
-        lines.append("| **all** | " + " | ".join(_fmt(res["metrics"][n].get("overall")) for n in names) + " |")
+        lines.append("| **all** | " + " | ".join(_cell(res["metrics"][n]) for n in names) + " |")
         for d in domains:
-            lines.append(f"| {d} | " + " | ".join(_fmt(res["metrics"][n].get("per_domain", {}).get(d)) for n in names) + " |")
+            lines.append(f"| {d} | " + " | ".join(_cell(res["metrics"][n], d) for n in names) + " |")
         by_round = [n for n in names if "per_round" in res["metrics"][n]]
         if by_round:
             lines += ["", "| round | " + " | ".join(_label(n) for n in by_round) + " |", "| ---: |" + " ---: |" * len(by_round)]

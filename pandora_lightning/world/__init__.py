@@ -8,9 +8,8 @@ from pandora_lightning.world.domains import (
     Domain,
     ObjectState,
     get_domain,
-    parse_action,
-    phrase,
 )
+from pandora_lightning.world.phrasing import is_held_out, parse_action, phrase, phrasings
 from pandora_lightning.world.measure import (
     classify_episode,
     classify_round,
@@ -18,6 +17,7 @@ from pandora_lightning.world.measure import (
     measure_states,
 )
 from pandora_lightning.world.simulator import (
+    MIN_OPTIONS,
     SPLITS,
     Episode,
     WorldConfig,
@@ -27,6 +27,7 @@ from pandora_lightning.world.simulator import (
     render_states,
     sample_episode,
     simulate,
+    held_out_actions,
     split_actions,
     valid_actions,
 )
@@ -41,10 +42,14 @@ __all__ = [
     "Episode",
     "ObjectState",
     "WorldConfig",
+    "MIN_OPTIONS",
     "classify_episode",
     "classify_round",
     "frame_consistency",
     "get_domain",
+    "held_out_actions",
+    "is_held_out",
+    "phrasings",
     "measure_states",
     "object_mask",
     "parse_action",

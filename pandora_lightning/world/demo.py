@@ -1,7 +1,14 @@
-"""`make demo`: world shards -> align -> instruct -> multi-round rollouts scored against the world."""
+"""`make demo`: world shards -> align -> instruct -> 8-round rollouts scored against the world.
+
+Every held-out figure is the strict action following (`world.measure.judge_round`) with its 95%
+bootstrap interval over episodes and the text-ignoring chance level on the same rounds, beside the
+lenient figure; `demo --seeds N` (`make demo-seeds`) trains N times with different seeds and
+reports each seed and their mean and spread.
+"""
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -11,21 +18,48 @@ from pandora_lightning.evaluation.suite import MetricSuite
 from pandora_lightning.recipe import load_recipe, score_callbacks
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.fit import fit
-from pandora_lightning.world.domains import TRANSFER_DOMAIN
+from pandora_lightning.world.domains import TRANSFER_DOMAIN, TRANSFER_HELD_OUT
 from pandora_lightning.world.metrics import WORLD_METRICS
 from pandora_lightning.world.shards import ensure_world
+from pandora_lightning.world.simulator import WorldConfig
 
 MANIFEST = "data_manifests/world.yaml"
 SHARDS = "data/world"
-COUNTS = {"train": 512, "val": 16, "transfer": 16, "adapt": 48}
+# Training episodes have 3 rounds (3 training windows each); held-out ones 8, for drift over long rollouts.
+WORLD = WorldConfig(held_out_rounds=8)
+COUNTS = {"train": 512, "val": 16, "transfer": 16, "adapt": 48, "phrasings": 4}
+# Held-out episodes rolled out and scored, per domain and split (--quick: a few, to check the plumbing).
+SCORED = {"val": 12, "transfer": 12, "phrasings": 4}
+QUICK = {"val": 1, "transfer": 1, "phrasings": 1}
+SPLIT_TITLES = {
+    "val": "held-out start states",
+    "transfer": f"transfer: {TRANSFER_DOMAIN} asked to {'/'.join(TRANSFER_HELD_OUT)}, never shown there in training",
+    "phrasings": "phrasings held out of training",
+}
+SHARES = ("action_following", "action_following_lenient", "action_following_held_out", "temporal_object")
 
 
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:
     """Write the built-in world's shards, manifest and vocabulary unless they are already there."""
-    ensure_world(manifest, shards, COUNTS, samples_per_shard=128)
+    ensure_world(manifest, shards, COUNTS, samples_per_shard=128, cfg=WORLD)
 
 
-def run_demo(run_dir: Path, quick: bool = False) -> dict:
+def split_summary(report: dict) -> dict:
+    """The demo's figures of one split from a `MetricSuite` report."""
+    out = {}
+    for name in SHARES:
+        if name in report:
+            entry = report[name]
+            out[name] = {key: entry.get(key) for key in ("overall", "interval", "per_domain", "per_round", "count")}
+            if "baseline" in entry:
+                out[name]["chance"] = entry["baseline"]["overall"]
+                out[name]["chance_per_domain"] = entry["baseline"]["per_domain"]
+    if "psnr" in report:
+        out["psnr"] = {"overall": report["psnr"]["overall"], "per_round": report["psnr"]["per_round"]}
+    return out
+
+
+def run_demo(run_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     started = time.time()
     timings = {}
     build_world()
@@ -33,7 +67,7 @@ def run_demo(run_dir: Path, quick: bool = False) -> dict:
     steps = {"align": 3, "instruct": 3} if quick else {}
     checkpoint = None
     for stage in ("align", "instruct"):
-        overrides = [f"run_dir={run_dir / stage}"]
+        overrides = [f"run_dir={run_dir / stage}", f"seed={seed}"]
         if checkpoint:
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
@@ -48,18 +82,15 @@ def run_demo(run_dir: Path, quick: bool = False) -> dict:
     model = load_stage(checkpoint).model
     manifest = load_manifest(MANIFEST)
     results = {}
-    for split in ("val", "transfer"):
-        episodes = load_episodes(manifest, split, 2 if quick else 16, model.cfg.generator.image_size)
+    for split, per_domain in (QUICK if quick else SCORED).items():
+        episodes = load_episodes(manifest, split, per_domain, model.cfg.generator.image_size)
         suite = MetricSuite(episodes, model.cond_frames, model.new_frames, plugins=[WORLD_METRICS])
         run_episodes(model, episodes, suite, batch_size=32, media_dir=run_dir / "rollouts", name=split)
-        report = suite.report()["action_following"]
-        results[split] = {"overall": report["overall"], "per_domain": report["per_domain"], "rounds": report["count"]}
+        results[split] = split_summary(suite.report())
     timings["rollouts_s"] = round(time.time() - t0, 1)
     summary = {
-        "action_following": {
-            "held_out_start_states": results["val"],
-            f"transfer_{TRANSFER_DOMAIN}_unseen_actions": results["transfer"],
-        },
+        "splits": results,
+        "seed": seed,
         "steps": steps,
         "wall_seconds": {**timings, "total_s": round(time.time() - started, 1)},
         "checkpoint": str(checkpoint),
@@ -70,11 +101,73 @@ def run_demo(run_dir: Path, quick: bool = False) -> dict:
     return summary
 
 
+def run_seeds(run_dir: Path, seeds: int, quick: bool = False) -> dict:
+    """The demo trained `seeds` times (seeds 0..N-1, each in run_dir/seed-<s>); their spread per figure."""
+    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s) for s in range(seeds)]
+    summary = {"seeds": list(range(seeds)), "figures": seed_spread([r["splits"] for r in runs]),
+               "wall_seconds": [r["wall_seconds"]["total_s"] for r in runs]}
+    (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
+    print_seeds(summary)
+    return summary
+
+
+def seed_spread(splits_per_seed: list[dict]) -> dict:
+    """{split: {figure: {"mean", "std", "min", "max", "values"}}} over seeds for every overall figure."""
+    out: dict = {}
+    for split in splits_per_seed[0]:
+        for name in splits_per_seed[0][split]:
+            values = [run[split][name]["overall"] for run in splits_per_seed if name in run.get(split, {})]
+            values = [v for v in values if v is not None]
+            if values:
+                out.setdefault(split, {})[name] = {
+                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values), "values": values,
+                }
+    return out
+
+
+def _share(entry: dict) -> str:
+    text = f"{entry['overall']:.3f}"
+    if entry.get("interval"):
+        text += f" [{entry['interval'][0]:.2f}, {entry['interval'][1]:.2f}]"
+    if entry.get("chance") is not None:
+        text += f" (chance {entry['chance']:.2f})"
+    return text
+
+
 def print_summary(summary: dict) -> None:
     print("\n=== pandora-lightning demo ===")
-    for name, res in summary["action_following"].items():
-        domains = ", ".join(f"{d} {a:.2f}" for d, a in res["per_domain"].items())
-        print(f"action-following accuracy, {name}: {res['overall']:.3f} over {res['rounds']} rounds ({domains})")
-    print(f"steps: {summary['steps']}")
+    print("strict: object kept and moved/resized within 35% of the domain's rate; [95% interval over episodes];")
+    print("chance: the best predictor that ignores the action text but sees the state, on the same rounds")
+    for split, res in summary["splits"].items():
+        print(f"{SPLIT_TITLES.get(split, split)}:")
+        strict = res.get("action_following")
+        if strict:
+            domains = ", ".join(f"{d} {v:.2f}" for d, v in strict["per_domain"].items())
+            print(f"  action following, strict   {_share(strict)} over {strict['count']} rounds ({domains})")
+            rounds = " ".join("n/a" if v is None else f"{v:.2f}" for v in strict["per_round"])
+            print(f"    per round: {rounds}")
+        if "action_following_held_out" in res:
+            print(f"  held-out actions, strict   {_share(res['action_following_held_out'])} over "
+                  f"{res['action_following_held_out']['count']} rounds")
+        if "action_following_lenient" in res:
+            print(f"  action following, lenient  {_share(res['action_following_lenient'])}")
+        extra = []
+        if "temporal_object" in res:
+            extra.append(f"object kept {res['temporal_object']['overall']:.3f}")
+        if "psnr" in res:
+            extra.append("PSNR by round " + " ".join("n/a" if v is None else f"{v:.1f}" for v in res["psnr"]["per_round"]))
+        if extra:
+            print("  " + "; ".join(extra))
+    print(f"seed {summary['seed']}, steps: {summary['steps']}")
     print(f"wall seconds: {summary['wall_seconds']}")
     print(f"videos and contact sheets: {summary['rollouts']}")
+
+
+def print_seeds(summary: dict) -> None:
+    print(f"\n=== pandora-lightning demo over seeds {summary['seeds']} ===")
+    for split, figures in summary["figures"].items():
+        print(f"{SPLIT_TITLES.get(split, split)}:")
+        for name, f in figures.items():
+            values = ", ".join(f"{v:.3f}" for v in f["values"])
+            print(f"  {name}: mean {f['mean']:.3f}, std {f['std']:.3f} (seeds: {values})")

@@ -20,18 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.world.phrasing import CORES
+
 RGB = tuple[int, int, int]
 
-# Phrasings of one action share its key word: the tiny LLM is random, so it learns each word's
-# meaning from the data alone; synonyms without a shared word are for pretrained LLMs.
-ACTIONS: dict[str, tuple[str, ...]] = {
-    "move_left": ("move left", "go left", "slide to the left", "head left"),
-    "move_right": ("move right", "go right", "slide to the right", "head right"),
-    "move_up": ("move up", "go up", "climb up", "float up"),
-    "move_down": ("move down", "go down", "drop down", "sink down"),
-    "grow": ("grow", "grow larger", "grow bigger", "now grow"),
-    "shrink": ("shrink", "shrink smaller", "shrink a bit", "now shrink"),
-}
+# Canonical actions; their phrasings are the grammar in ``phrasing.py``.
+ACTIONS: dict[str, tuple[str, ...]] = CORES
 
 # Third-person verb phrases used to write episode captions.
 ACTION_VERBS: dict[str, str] = {
@@ -67,6 +62,12 @@ MIN_CONTRAST = 160.0
 # stripes), so a background misplaced by a pixel in generated frames is never
 # mistaken for the object.
 MASK_THRESHOLD = MIN_CONTRAST / 2
+# Held-out start states come from a reserved part of colour space: an episode's object is a palette
+# colour shaded by an integer offset on every channel; training draws |offset| in 8..24, held-out
+# splits |offset| <= 4. Every palette colour has a channel that never clips (24..231), so no object
+# pixel of a held-out episode has a colour any training frame shows (tests enumerate both sets).
+TRAIN_SHADES: tuple[int, ...] = tuple(d for d in range(-24, 25) if abs(d) >= 8)
+HELD_OUT_SHADES: tuple[int, ...] = tuple(range(-4, 5))
 
 
 @dataclass(frozen=True)
@@ -101,32 +102,32 @@ class Domain:
 
     def __post_init__(self) -> None:
         if self.background_kind not in BACKGROUNDS:
-            raise ValueError(
+            raise PandoraError(
                 f"Domain {self.name!r}: background_kind={self.background_kind!r} is unknown; "
                 f"use one of {BACKGROUNDS}"
             )
         if self.shape not in SHAPES:
-            raise ValueError(f"Domain {self.name!r}: shape={self.shape!r} is unknown; use one of {SHAPES}")
+            raise PandoraError(f"Domain {self.name!r}: shape={self.shape!r} is unknown; use one of {SHAPES}")
         if self.speed <= 0 or self.grow_rate <= 0:
-            raise ValueError(
+            raise PandoraError(
                 f"Domain {self.name!r}: speed={self.speed} and grow_rate={self.grow_rate} "
                 "must both be > 0 so every action changes the frame"
             )
         lo, hi = self.radius_limits
         s_lo, s_hi = self.start_radius
         if not (0 < lo <= s_lo <= s_hi <= hi):
-            raise ValueError(
+            raise PandoraError(
                 f"Domain {self.name!r}: need 0 < radius_limits[0] <= start_radius[0] <= "
                 f"start_radius[1] <= radius_limits[1], got radius_limits={self.radius_limits}, "
                 f"start_radius={self.start_radius}"
             )
         unknown = [a for a in self.actions if a not in ACTIONS]
         if unknown or not 1 <= len(self.actions) <= 7:
-            raise ValueError(
+            raise PandoraError(
                 f"Domain {self.name!r}: actions={self.actions} must be 1..7 names from {tuple(ACTIONS)}"
             )
         if not self.palette:
-            raise ValueError(f"Domain {self.name!r}: palette is empty; give at least one (name, RGB)")
+            raise PandoraError(f"Domain {self.name!r}: palette is empty; give at least one (name, RGB)")
 
     def background(self, size: int) -> np.ndarray:
         """The static background, ``(size, size, 3) uint8``, read-only and cached."""
@@ -171,11 +172,11 @@ DOMAINS: dict[str, Domain] = {
             background_kind="vertical_gradient",
             background_colors=((120, 190, 90), (40, 120, 40)),
             shape="disc",
-            palette=(("red", (225, 30, 35)), ("blue", (30, 50, 230)), ("white", (250, 250, 250)),
-                     ("magenta", (230, 40, 220))),
+            palette=(("red", (225, 30, 35)), ("blue", (30, 50, 230)), ("magenta", (230, 40, 220)),
+                     ("purple", (140, 20, 200))),
             speed=1.0,
             grow_rate=0.5,
-            radius_limits=(2.0, 8.0),
+            radius_limits=(2.0, 9.0),
             start_radius=(3.0, 5.0),
         ),
         Domain(
@@ -186,10 +187,10 @@ DOMAINS: dict[str, Domain] = {
             shape="square",
             palette=(("orange", (250, 140, 20)), ("red", (235, 35, 35)), ("green", (40, 230, 60)),
                      ("yellow", (240, 230, 30))),
-            speed=1.5,
-            grow_rate=0.75,
-            radius_limits=(2.0, 8.0),
-            start_radius=(2.5, 4.5),
+            speed=1.25,
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 5.0),
         ),
         Domain(
             name="ocean",
@@ -197,9 +198,9 @@ DOMAINS: dict[str, Domain] = {
             background_kind="stripes",
             background_colors=((15, 50, 120), (35, 95, 170)),
             shape="diamond",
-            palette=(("yellow", (250, 225, 30)), ("red", (235, 45, 35)), ("white", (250, 250, 250)),
+            palette=(("yellow", (250, 225, 30)), ("red", (235, 45, 35)), ("white", (225, 225, 225)),
                      ("orange", (250, 150, 30))),
-            speed=2.0,
+            speed=1.0,
             grow_rate=0.5,
             radius_limits=(3.0, 10.0),
             start_radius=(4.0, 6.0),
@@ -210,24 +211,22 @@ DOMAINS: dict[str, Domain] = {
             background_kind="diagonal_gradient",
             background_colors=((235, 205, 150), (200, 160, 100)),
             shape="disc",
-            palette=(("blue", (30, 50, 200)), ("green", (20, 100, 35)), ("purple", (110, 30, 150)),
-                     ("black", (20, 20, 20))),
-            speed=1.25,
-            grow_rate=1.0,
-            radius_limits=(2.0, 9.0),
-            start_radius=(3.0, 5.0),
+            palette=(("blue", (30, 50, 200)), ("green", (20, 100, 35)), ("black", (40, 40, 40)),
+                     ("navy", (30, 30, 110))),
+            speed=0.75,
+            # The held-out actions' rate: the disc's grow rate in meadow, the only one a model can infer.
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 7.0),
         ),
     )
 }
 
 TRANSFER_DOMAIN = "desert"
-# Shown in the transfer domain only by the "transfer" split; the model has to
-# carry them over from the other domains.
-TRANSFER_HELD_OUT = ("move_left", "move_right", "move_up", "move_down")
-
-_PHRASE_TO_ACTION: dict[str, str] = {
-    " ".join(p.lower().split()): action for action, phrases in ACTIONS.items() for p in phrases
-}
+# Never shown in the transfer domain by the training split (nor by "val"/"phrasings"); the "transfer"
+# split draws from all of its actions and scores these rounds apart: the model has to carry them over
+# from the other domains.
+TRANSFER_HELD_OUT = ("grow", "shrink")
 
 
 def get_domain(name: str) -> Domain:
@@ -235,23 +234,14 @@ def get_domain(name: str) -> Domain:
     try:
         return DOMAINS[name]
     except KeyError:
-        raise ValueError(f"unknown domain {name!r}; known domains: {tuple(DOMAINS)}") from None
+        raise PandoraError(f"unknown domain {name!r}; known domains: {tuple(DOMAINS)}") from None
 
 
-def phrase(action: str, rng: np.random.Generator) -> str:
-    """A natural-language phrasing of canonical ``action``, chosen by ``rng``."""
-    if action not in ACTIONS:
-        raise ValueError(f"unknown action {action!r}; canonical actions: {tuple(ACTIONS)}")
-    options = ACTIONS[action]
-    return options[int(rng.integers(len(options)))]
+def shade(rgb: RGB, delta: int) -> RGB:
+    """``rgb`` with ``delta`` added to every channel (clipped to 0..255)."""
+    return tuple(int(min(255, max(0, c + delta))) for c in rgb)
 
 
-def parse_action(text: str) -> str:
-    """Map a known phrasing (any case/spacing) or canonical name to the canonical name."""
-    key = " ".join(str(text).lower().split())
-    if key in ACTIONS:
-        return key
-    if key in _PHRASE_TO_ACTION:
-        return _PHRASE_TO_ACTION[key]
-    valid = "; ".join(f"{a}: {', '.join(p)}" for a, p in ACTIONS.items())
-    raise ValueError(f"unknown action phrasing {text!r}; valid phrasings are {valid}")
+def shade_band(held_out: bool) -> tuple[int, ...]:
+    """The colour shades (added to a palette colour) of training or of held-out start states."""
+    return HELD_OUT_SHADES if held_out else TRAIN_SHADES

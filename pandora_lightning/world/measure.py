@@ -9,6 +9,8 @@ simulated trajectory is closest to the measured one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pandora_lightning.world.domains import MASK_THRESHOLD, SHAPE_AREA, Domain, ObjectState
@@ -188,3 +190,67 @@ def frame_consistency(
         away = ~_dilate(shape)
         background_kept[t] = ((dist[t] <= BACKGROUND_TOLERANCE) & away).sum() / max(1, away.sum())
     return object_kept, background_kept
+
+
+# Strict action following: the round's change (end of round minus start, per component x, y, radius)
+# must be within RATE_TOLERANCE of what the action commands, each component in units of the
+# domain's rate x frames (speed for x and y, grow_rate for the radius). A move of 4 frames at 1 px a
+# frame passes with 2.6..5.4 px along its axis, under 1.4 px across it and under 0.7 px of radius change.
+RATE_TOLERANCE = 0.35
+
+
+@dataclass(frozen=True)
+class RoundVerdict:
+    """How one generated round measures against the action it was given.
+
+    found: the object is measured in the round's start frame and in each of its frames; kept: each
+    frame keeps the object (``frame_consistency``); direction: every commanded component changed
+    with the commanded sign; magnitude: every component's change is within the tolerance of the
+    commanded one; lenient: the nearest candidate trajectory (``classify_round``), the old metric.
+    """
+
+    found: bool
+    kept: bool
+    direction: bool
+    magnitude: bool
+    lenient: str | None
+
+    @property
+    def strict(self) -> bool:
+        return self.found and self.kept and self.direction and self.magnitude
+
+
+def _rate_units(domain: Domain, frames: int) -> np.ndarray:
+    return np.array([domain.speed, domain.speed, domain.grow_rate]) * frames
+
+
+def judge_round(
+    frames: np.ndarray,
+    domain: Domain,
+    image_size: int,
+    cond_frames: int,
+    action: str,
+    reference: np.ndarray,
+    candidates: tuple[str, ...] | list[str] | None = None,
+    tolerance: float = RATE_TOLERANCE,
+) -> RoundVerdict:
+    """Judge one round: ``frames`` ``(cond_frames + F, H, W, 3)``, the round's start at ``cond_frames - 1``.
+
+    ``reference``: the episode's start row ``[x, y, radius, r, g, b]`` (the colour to keep);
+    ``candidates``: for the lenient classification (default: the domain's actions).
+    """
+    lenient = classify_round(frames, domain, image_size, cond_frames, candidates)
+    rows = measure_states(frames, domain, image_size)[cond_frames - 1 :]
+    if np.isnan(rows).any():
+        return RoundVerdict(False, False, False, False, lenient)
+    kept, _ = frame_consistency(np.asarray(frames)[cond_frames:], domain, image_size, reference)
+    n = rows.shape[0] - 1
+    start = state_from_row(rows[0])
+    end = simulate(domain, start, action, n)[-1]
+    units = _rate_units(domain, n)
+    commanded = (np.array([end.x, end.y, end.radius]) - rows[0, :3]) / units
+    measured = (rows[-1, :3] - rows[0, :3]) / units
+    moving = commanded != 0
+    direction = bool(np.all(np.sign(measured[moving]) == np.sign(commanded[moving])))
+    magnitude = bool(np.all(np.abs(measured - commanded) <= tolerance))
+    return RoundVerdict(True, bool(kept.all()), direction, magnitude, lenient)

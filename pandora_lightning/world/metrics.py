@@ -6,13 +6,20 @@ An episode is the world's shard JSON: {"domain", "actions": [{"action": canonica
 """
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torchmetrics.utilities import dim_zero_cat
 
 from pandora_lightning.evaluation.metrics.base import DomainMetric, check_video, to_uint8_frames
-from pandora_lightning.world import ACTIONS, DOMAINS, classify_round, frame_consistency, get_domain, measure_states
+from pandora_lightning.evaluation.metrics.interval import bootstrap_interval
+from pandora_lightning.world.baseline import best_baseline, predictor_accuracies, valid_sets
+from pandora_lightning.world.domains import ACTIONS, DOMAINS, get_domain
+from pandora_lightning.world.measure import frame_consistency, judge_round, measure_states
+from pandora_lightning.world.simulator import SPLITS, held_out_actions
 
 ACTION_NAMES = tuple(ACTIONS)
 
@@ -46,69 +53,142 @@ class _RoundMetric(DomainMetric):
         return slice(begin, begin + self.round_frames)
 
 
-class ActionFollowing(_RoundMetric):
-    """Share of rounds whose generated motion is the action that was given.
+# Columns of ActionFollowing's per-round records (float64 rows, concatenated across processes).
+_COLUMNS = ("episode", "domain", "round", "action", "previous", "valid", "strict", "lenient", "classified",
+            "kept", "held_out")
+_C = {name: i for i, name in enumerate(_COLUMNS)}
 
-    Each round is classified (`world.classify_round`) among all of its domain's actions from the
-    object measured in the frames; a round whose object cannot be found counts as wrong. Also
-    keeps a confusion matrix: confusion[given, classified], last column = object not found.
+
+def episode_id(episode: dict) -> int:
+    """A stable id of an episode (CRC-32 of its JSON): rounds of one episode are resampled together."""
+    return zlib.crc32(json.dumps(episode, sort_keys=True, default=str).encode())
+
+
+def _mask(actions: Sequence[str] | None) -> int:
+    return -1 if actions is None else sum(1 << ACTION_NAMES.index(a) for a in actions)
+
+
+def _unmask(mask: int) -> tuple[str, ...] | None:
+    return None if mask < 0 else tuple(a for i, a in enumerate(ACTION_NAMES) if mask >> i & 1)
+
+
+class ActionFollowing(_RoundMetric):
+    """Share of rounds that did what the action says, strictly and leniently, beside the true chance.
+
+    strict ("action_following", the headline): the object is found and kept in every frame of the
+    round, and its change over the round (position, radius) is within ``RATE_TOLERANCE`` of the
+    commanded change (`world.judge_round`). lenient ("action_following_lenient"): the nearest of the
+    domain's candidate trajectories is the given action (`world.classify_round`), which credits any
+    motion in the right direction. Each comes with a 95% bootstrap interval over episodes and the
+    best text-ignoring, state-aware baseline on the same rounds (`world.baseline`);
+    "action_following_held_out" repeats the strict figure on rounds whose action the domain never
+    showed in training (the transfer split). Keeps one record per round, so the report can resample.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, interval_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        shape = (len(self.domains), self.max_rounds)
-        self.add_state("correct", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        a = len(ACTION_NAMES)
-        self.add_state("confusion", torch.zeros(a, a + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.interval_seed = interval_seed
+        self.add_state("records", [], dist_reduce_fx="cat")
 
     def update(self, videos: torch.Tensor, episodes: Sequence[dict]) -> None:
         """videos (B, T, 3, H, W) uint8 or float in [-1, 1]; episodes: B world episode dicts."""
-        correct = np.zeros(tuple(self.correct.shape))
-        total = np.zeros_like(correct)
-        confusion = np.zeros(tuple(self.confusion.shape))
+        rows = []
         for g, domain, video, n, ep in self.rounds(videos, episodes):
             cond, size = self.cond_frames, video.shape[1]
+            reference = measure_states(video[cond - 1 : cond], domain, size)[0]
+            valid = valid_sets(ep, n)
+            held = held_out_actions(ep["domain"], ep["split"]) if ep.get("split") in SPLITS else ()
+            uid, previous = episode_id(ep), -1
             for r in range(n):
                 s = self.span(r)
-                clip = video[s.start - cond : s.stop]
-                predicted = classify_round(clip, domain, size, cond, domain.actions)
                 target = ep["actions"][r]["action"]
-                correct[g, r] += predicted == target
-                total[g, r] += 1
-                column = ACTION_NAMES.index(predicted) if predicted is not None else len(ACTION_NAMES)
-                confusion[ACTION_NAMES.index(target), column] += 1
-        self.correct += torch.from_numpy(correct).to(self.correct)
-        self.total += torch.from_numpy(total).to(self.total)
-        self.confusion += torch.from_numpy(confusion).to(self.confusion)
+                verdict = judge_round(video[s.start - cond : s.stop], domain, size, cond, target, reference, domain.actions)
+                classified = -1 if verdict.lenient is None else ACTION_NAMES.index(verdict.lenient)
+                action = ACTION_NAMES.index(target)
+                rows.append([uid, g, r, action, previous, _mask(None if valid is None else valid[r]), verdict.strict,
+                             verdict.lenient == target, classified, verdict.found and verdict.kept, target in held])
+                previous = action
+        if rows:
+            self.records.append(torch.tensor(rows, dtype=torch.float64, device=self.device))
+
+    def _table(self) -> np.ndarray:
+        records = self.records
+        if isinstance(records, torch.Tensor):
+            return records.detach().cpu().numpy().reshape(-1, len(_COLUMNS))
+        if not records:
+            return np.zeros((0, len(_COLUMNS)))
+        return dim_zero_cat(records).detach().cpu().numpy()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        rounds = int((self.total.sum(0) > 0).sum())
-        return {
-            "action_following": self.correct.sum() / self.total.sum(),
-            "action_following/per_domain": self.correct.sum(1) / self.total.sum(1),
-            "action_following/per_round": self.correct.sum(0)[:rounds] / self.total.sum(0)[:rounds],
-            "action_following/count": self.total.sum(),
-        }
+        table = self._table()
+        share = float(table[:, _C["strict"]].mean()) if len(table) else float("nan")
+        return {"action_following": torch.tensor(share, dtype=torch.float64)}
 
     def domain_counts(self) -> torch.Tensor:
-        return self.total.sum(1)
+        table = self._table()
+        return torch.from_numpy(np.bincount(table[:, _C["domain"]].astype(int), minlength=len(self.domains)).astype(np.float64))
 
     def report(self) -> dict[str, dict]:
-        out = super().report()
-        out["action_following"]["confusion"] = self.confusion_table()
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+            table = self._table()
+        if not len(table):
+            return {}
+        contexts = [
+            {"episode": int(row[_C["episode"]]), "domain": int(row[_C["domain"]]), "action": int(row[_C["action"]]),
+             "previous": int(row[_C["previous"]]), "valid": _unmask(int(row[_C["valid"]]))}
+            for row in table
+        ]
+        for c in contexts:  # the predictors compare action names with the valid sets
+            c["action"] = ACTION_NAMES[c["action"]]
+        chance = predictor_accuracies(contexts)
+        out = {
+            "action_following": self._entry(table, "strict", chance, np.ones(len(table), bool)),
+            "action_following_lenient": self._entry(table, "lenient", chance, np.ones(len(table), bool)),
+        }
+        out["action_following"]["confusion"] = self._confusion(table)
+        held = table[:, _C["held_out"]] > 0
+        if held.any():
+            out["action_following_held_out"] = self._entry(table, "strict", chance, held)
         return out
 
+    def _entry(self, table: np.ndarray, column: str, chance: dict, mask: np.ndarray) -> dict:
+        """overall, per_domain, per_round, count, interval, per_domain_interval and baseline of one share."""
+        hits, episodes = table[:, _C[column]], table[:, _C["episode"]]
+        domains, rounds = table[:, _C["domain"]].astype(int), table[:, _C["round"]].astype(int)
+        entry: dict = {"overall": float(hits[mask].mean()), "count": int(mask.sum())}
+        entry["interval"] = bootstrap_interval(hits[mask], episodes[mask], seed=self.interval_seed)
+        entry["per_domain"], entry["per_domain_interval"] = {}, {}
+        for g, name in enumerate(self.domains):
+            sel = mask & (domains == g)
+            if sel.any():
+                entry["per_domain"][name] = float(hits[sel].mean())
+                entry["per_domain_interval"][name] = bootstrap_interval(hits[sel], episodes[sel], seed=self.interval_seed)
+        # None for a round without any of the masked rounds (e.g. no held-out action in round 3).
+        entry["per_round"] = [float(hits[sel].mean()) if (sel := mask & (rounds == r)).any() else None
+                              for r in range(rounds[mask].max() + 1)]
+        if chance:
+            overall, per_group = best_baseline(chance, domains, mask)
+            entry["baseline"] = {
+                "overall": float(overall),
+                "per_domain": {self.domains[g]: acc for g, (acc, _) in per_group.items()},
+                "predictor": {self.domains[g]: name for g, (_, name) in per_group.items()},
+            }
+        return entry
+
     def confusion_table(self) -> dict[str, dict[str, int]]:
-        """{given action: {classified action or "not_found": rounds}} (non-zero cells only)."""
+        """{given action: {classified action (lenient) or "not_found": rounds}} (non-zero cells only)."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
-            table = self.confusion.detach().cpu()
+            return self._confusion(self._table())
+
+    def _confusion(self, table: np.ndarray) -> dict[str, dict[str, int]]:
         columns = (*ACTION_NAMES, "not_found")
-        return {
-            given: {c: int(v) for c, v in zip(columns, row) if v > 0}
-            for given, row in zip(ACTION_NAMES, table)
-            if row.sum() > 0
-        }
+        out: dict[str, dict[str, int]] = {}
+        for row in table:
+            given = ACTION_NAMES[int(row[_C["action"]])]
+            got = columns[int(row[_C["classified"]])]
+            out.setdefault(given, {}).setdefault(got, 0)
+            out[given][got] += 1
+        return out
 
 
 class TemporalConsistency(_RoundMetric):
@@ -161,7 +241,8 @@ class WorldMetrics:
     """The built-in world's metrics as an evaluation plugin (`evaluation.suite.EpisodeMetrics`):
     pass `WORLD_METRICS` to `run_score`, `ScoreCallback` or `MetricSuite`."""
 
-    names = ("action_following", "temporal_object", "temporal_background")
+    names = ("action_following", "action_following_lenient", "action_following_held_out", "temporal_object",
+             "temporal_background")
 
     def why_not(self, episodes) -> str | None:
         ours = all(

@@ -80,7 +80,7 @@ def _write_split_domain(
                 # A whole-second time: plain ustar headers (a float time needs a pax header per
                 # member, which doubles tar parsing) and byte-identical shards for the same seed.
                 writer = wds.TarWriter(str(out_dir / shards[-1]), mtime=0)
-            ep = sample_episode(cfg, domain, rng, allowed)
+            ep = sample_episode(cfg, domain, rng, allowed, split=split)
             writer.write(
                 {
                     "__key__": f"{split}-{domain}-{i:06d}",
@@ -103,9 +103,10 @@ def write_world_shards(
 ) -> list[dict]:
     """Write world episodes for each split in ``counts`` (episodes per domain).
 
-    "train"/"val" cover every domain of ``cfg.domains`` (the transfer domain
-    without its held-out actions); "transfer" covers only the transfer domain
-    with only the held-out actions. ``seed`` defaults to ``cfg.seed``.
+    "train", "val" and "phrasings" cover every domain of ``cfg.domains`` (the transfer domain
+    without its held-out actions); "transfer" covers only the transfer domain, with all of its
+    actions. Held-out splits draw reserved start colours and have ``cfg.rounds_for(split)`` rounds.
+    ``seed`` defaults to ``cfg.seed``.
     Returns one ``{"split", "domain", "shards", "samples"}`` record per
     written (split, domain), shard names relative to ``out_dir``.
     """
@@ -123,24 +124,31 @@ def write_world_shards(
     return records
 
 
+# The manifest name of the world's shards. It changes whenever the sampler or the domains do, so that
+# `make demo` rewrites shards left over from an older world instead of training on them.
+WORLD_NAME = "world-v2"
+
+
 def write_world(
     out_dir: str | Path, manifest: str | Path, cfg: WorldConfig, counts: dict[str, int], samples_per_shard: int = 64
 ) -> Manifest:
     """The world's shards, their manifest and, beside it, the world's vocabulary file."""
     records = write_world_shards(out_dir, cfg, counts, samples_per_shard=samples_per_shard)
-    written = write_manifest(manifest, "world", out_dir, records)
+    written = write_manifest(manifest, WORLD_NAME, out_dir, records)
     write_vocabulary_file(vocabulary_path(manifest), world_vocabulary())
     return written
 
 
-def ensure_world(manifest: str | Path, out_dir: str | Path, counts: dict[str, int], samples_per_shard: int = 128) -> None:
-    """Write the built-in world's shards and manifest unless they are already there."""
+def ensure_world(
+    manifest: str | Path, out_dir: str | Path, counts: dict[str, int], samples_per_shard: int = 128, cfg: WorldConfig | None = None
+) -> None:
+    """Write the built-in world's shards and manifest unless they (of this world version) are already there."""
     try:
         loaded = load_manifest(manifest)
         for shard_set in loaded.sets:
             loaded.urls(shard_set)
-        if vocabulary_path(manifest).is_file():
+        if vocabulary_path(manifest).is_file() and loaded.name == WORLD_NAME:
             return
     except (ValueError, FileNotFoundError):
         pass
-    write_world(out_dir, manifest, WorldConfig(), counts, samples_per_shard)
+    write_world(out_dir, manifest, cfg or WorldConfig(), counts, samples_per_shard)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.world.domains import (
     ACTION_VERBS,
     DOMAINS,
@@ -22,19 +23,27 @@ from pandora_lightning.world.domains import (
     Domain,
     ObjectState,
     get_domain,
-    phrase,
+    shade,
+    shade_band,
 )
+from pandora_lightning.world.phrasing import phrase
 
-# "adapt": a few dozen transfer-domain episodes with all of its actions (the held-out ones too),
-# training data for the adapt stage (LoRA); its start states come from their own random stream.
-SPLITS = ("train", "val", "transfer", "adapt")
+# "val": held-out start states; "transfer": the transfer domain with its held-out actions too;
+# "phrasings": held-out start states steered by held-out phrasings. These HELD_OUT_SPLITS draw their
+# start states from the reserved colour shades (``domains.HELD_OUT_SHADES``). "adapt": a few dozen
+# transfer-domain episodes with all of its actions (the held-out ones too), training data for the
+# adapt stage (LoRA), drawn like training episodes from their own random stream.
+SPLITS = ("train", "val", "transfer", "adapt", "phrasings")
+HELD_OUT_SPLITS = ("val", "transfer", "phrasings")
+# Every round of every split offers at least this many valid actions, so the start state never gives
+# the action away (the domains are sized for it; the sampler raises where a state breaks it).
+MIN_OPTIONS = 2
 # Objects never touch the frame border closer than this (px), so no action is
 # ever clamped and two different actions never give the same trajectory.
 BORDER_MARGIN = 1.0
 # Extra room (px) the sampler demands on top of the validity rules, so an
 # action stays valid from a *measured* start state that is off by < 1 px.
 SAMPLING_SLACK = 1.0
-_MAX_SAMPLING_ATTEMPTS = 200
 
 
 @dataclass
@@ -47,28 +56,35 @@ class WorldConfig:
     rounds: int = 3
     fps: int = 8
     seed: int = 0
+    held_out_rounds: int = 0  # rounds of the non-train splits' episodes; 0 = ``rounds``
     domains: tuple[str, ...] = field(default_factory=lambda: tuple(DOMAINS))
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 8:
-            raise ValueError(
+            raise PandoraError(
                 f"WorldConfig.image_size={self.image_size} must be a multiple of 8 and >= 16 "
                 "(e.g. 32) so objects fit and video codecs accept the size"
             )
         for name in ("cond_frames", "round_frames", "rounds", "fps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"WorldConfig.{name}={getattr(self, name)} must be a positive integer")
+                raise PandoraError(f"WorldConfig.{name}={getattr(self, name)} must be a positive integer")
+        if self.held_out_rounds < 0:
+            raise PandoraError(f"WorldConfig.held_out_rounds={self.held_out_rounds} must be >= 0 (0 = rounds)")
         self.domains = tuple(self.domains)
         unknown = [d for d in self.domains if d not in DOMAINS]
         if unknown or not self.domains:
-            raise ValueError(
+            raise PandoraError(
                 f"WorldConfig.domains={self.domains} must be a non-empty subset of {tuple(DOMAINS)}"
             )
 
     @property
     def num_frames(self) -> int:
-        """Frames per episode: ``cond_frames + rounds * round_frames``."""
+        """Frames per training episode: ``cond_frames + rounds * round_frames``."""
         return self.cond_frames + self.rounds * self.round_frames
+
+    def rounds_for(self, split: str) -> int:
+        """Rounds per episode of ``split``: ``held_out_rounds`` (if set) for held-out splits, else ``rounds``."""
+        return self.held_out_rounds if split in HELD_OUT_SPLITS and self.held_out_rounds else self.rounds
 
 
 @dataclass
@@ -90,7 +106,7 @@ class Episode:
 def simulate(domain: Domain, state: ObjectState, action: str, n_frames: int) -> list[ObjectState]:
     """States after each of ``n_frames`` frames of ``action`` (not including ``state``)."""
     if action not in domain.actions:
-        raise ValueError(f"action {action!r} is not available in domain {domain.name!r}: {domain.actions}")
+        raise PandoraError(f"action {action!r} is not available in domain {domain.name!r}: {domain.actions}")
     dx, dy = MOVES.get(action, (0, 0))
     dr = RESIZES.get(action, 0)
     return [
@@ -134,7 +150,7 @@ def valid_actions(
     if allowed is not None:
         bad = [a for a in allowed if a not in domain.actions]
         if bad:
-            raise ValueError(f"allowed actions {bad} are not in domain {domain.name!r}: {domain.actions}")
+            raise PandoraError(f"allowed actions {bad} are not in domain {domain.name!r}: {domain.actions}")
     return [
         a
         for a in domain.actions
@@ -176,14 +192,16 @@ def render(domain: Domain, state: ObjectState, image_size: int) -> np.ndarray:
     return render_states(domain, [state], image_size)[0]
 
 
-def random_state(domain: Domain, rng: np.random.Generator, image_size: int) -> ObjectState:
-    """A start state with a palette colour, away from the borders.
+def random_state(domain: Domain, rng: np.random.Generator, image_size: int, held_out: bool = False) -> ObjectState:
+    """A start state: a palette colour in the training (or the reserved, held-out) shades, away from the borders.
 
     The centre is drawn from the middle of the feasible range (15% of the
     frame kept free on each side when it fits) so several rounds of moves
     have room.
     """
     _, rgb = domain.palette[int(rng.integers(len(domain.palette)))]
+    shades = shade_band(held_out)
+    rgb = shade(rgb, shades[int(rng.integers(len(shades)))])
     radius = float(rng.uniform(*domain.start_radius))
     lo = radius + BORDER_MARGIN + SAMPLING_SLACK
     hi = image_size - lo
@@ -195,23 +213,28 @@ def random_state(domain: Domain, rng: np.random.Generator, image_size: int) -> O
 def caption_for(domain: Domain, color_name: str, actions: list[str]) -> str:
     """E.g. "a red disc on a green meadow moves left, then grows"."""
     verbs = ", then ".join(ACTION_VERBS[a] for a in actions)
-    return f"a {color_name} {domain.shape} {domain.scene} {verbs}"
+    article = "an" if color_name[0] in "aeiou" else "a"
+    return f"{article} {color_name} {domain.shape} {domain.scene} {verbs}"
 
 
 def _color_name(domain: Domain, rgb: tuple[int, int, int]) -> str:
-    return next(name for name, c in domain.palette if c == rgb)
+    """The palette name of a (shaded) colour: the nearest palette entry."""
+    return min(domain.palette, key=lambda entry: sum((a - b) ** 2 for a, b in zip(entry[1], rgb)))[0]
 
 
 def _sample_actions(
-    cfg: WorldConfig, domain: Domain, start: ObjectState, rng: np.random.Generator, allowed
-) -> tuple[list[ObjectState], list[str]] | None:
-    """Roll out ``cfg.rounds`` random valid actions; None if one round has no option."""
+    rounds: int, cfg: WorldConfig, domain: Domain, start: ObjectState, rng: np.random.Generator, allowed
+) -> tuple[list[ObjectState], list[str]]:
+    """Roll out ``rounds`` actions, each drawn uniformly from the valid ones (at least ``MIN_OPTIONS``)."""
     states = [start] * cfg.cond_frames
     chosen: list[str] = []
-    for _ in range(cfg.rounds):
+    for _ in range(rounds):
         options = valid_actions(domain, states[-1], cfg.round_frames, cfg.image_size, allowed, SAMPLING_SLACK)
-        if not options:
-            return None
+        if len(options) < MIN_OPTIONS:
+            raise PandoraError(
+                f"domain {domain.name!r} reached {states[-1]} where only {options} of {allowed or domain.actions} "
+                f"are valid: the start state would give the action away; widen radius_limits or lower speed"
+            )
         action = options[int(rng.integers(len(options)))]
         chosen.append(action)
         states.extend(simulate(domain, states[-1], action, cfg.round_frames))
@@ -223,25 +246,23 @@ def sample_episode(
     domain_name: str,
     rng: np.random.Generator,
     allowed_actions: tuple[str, ...] | list[str] | None = None,
+    split: str = "train",
 ) -> Episode:
-    """Sample and render one episode; actions drawn uniformly from the valid ones."""
+    """Sample and render one episode of ``split``: actions uniform over the valid ones.
+
+    ``allowed_actions`` defaults to ``split_actions(domain_name, split)``; held-out splits use the
+    reserved colour shades (``HELD_OUT_SPLITS``), and "phrasings" the held-out phrasings.
+    """
     domain = get_domain(domain_name)
-    for _ in range(_MAX_SAMPLING_ATTEMPTS):
-        start = random_state(domain, rng, cfg.image_size)
-        rollout = _sample_actions(cfg, domain, start, rng, allowed_actions)
-        if rollout is not None:
-            break
-    else:
-        raise ValueError(
-            f"could not sample an episode in domain {domain_name!r} with allowed_actions={allowed_actions} "
-            f"at image_size={cfg.image_size}; increase image_size or reduce round_frames"
-        )
-    states, chosen = rollout
+    allowed = split_actions(domain_name, split) if allowed_actions is None else tuple(allowed_actions)
+    start = random_state(domain, rng, cfg.image_size, held_out=split in HELD_OUT_SPLITS)
+    states, chosen = _sample_actions(cfg.rounds_for(split), cfg, domain, start, rng, allowed)
     spans = []
     for i, action in enumerate(chosen):
         start_idx = cfg.cond_frames + i * cfg.round_frames
         end_idx = start_idx + cfg.round_frames
-        spans.append({"action": action, "text": phrase(action, rng), "start": start_idx, "end": end_idx})
+        text = phrase(action, rng, held_out=split == "phrasings")
+        spans.append({"action": action, "text": text, "start": start_idx, "end": end_idx})
     return Episode(
         frames=render_states(domain, states, cfg.image_size),
         states=states,
@@ -251,24 +272,29 @@ def sample_episode(
     )
 
 
-def split_actions(domain_name: str, split: str) -> tuple[str, ...] | None:
-    """Actions a split may use in a domain; None means all of the domain's actions.
+def split_actions(domain_name: str, split: str) -> tuple[str, ...]:
+    """Actions a split may use in a domain.
 
-    "train"/"val" hide ``TRANSFER_HELD_OUT`` in the transfer domain; "transfer"
-    uses only those held-out actions and "adapt" all of them; both exist only for the transfer domain.
+    The transfer domain hides ``TRANSFER_HELD_OUT`` in "train", "val" and "phrasings"; "transfer"
+    (scored, its held-out rounds apart) and "adapt" (training data for the adapt stage) exist only
+    for the transfer domain and use all of its actions.
     """
     domain = get_domain(domain_name)
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        raise PandoraError(f"unknown split {split!r}; use one of {SPLITS}")
     if split in ("transfer", "adapt"):
         if domain_name != TRANSFER_DOMAIN:
-            raise ValueError(
-                f"split {split!r} only exists for the transfer domain {TRANSFER_DOMAIN!r}, "
-                f"not {domain_name!r}"
+            raise PandoraError(
+                f"split {split!r} only exists for the transfer domain {TRANSFER_DOMAIN!r}, not {domain_name!r}"
             )
-        if split == "adapt":
-            return tuple(domain.actions)
-        return tuple(a for a in TRANSFER_HELD_OUT if a in domain.actions)
+        return domain.actions
     if domain_name == TRANSFER_DOMAIN:
         return tuple(a for a in domain.actions if a not in TRANSFER_HELD_OUT)
-    return None
+    return domain.actions
+
+
+def held_out_actions(domain_name: str, split: str) -> tuple[str, ...]:
+    """Actions of ``split`` in ``domain_name`` that training never showed in that domain."""
+    if split == "transfer" and domain_name == TRANSFER_DOMAIN:
+        return tuple(a for a in TRANSFER_HELD_OUT if a in get_domain(domain_name).actions)
+    return ()

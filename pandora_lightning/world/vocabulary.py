@@ -8,12 +8,14 @@ from pathlib import Path
 
 from pandora_lightning.models.tokenizer import words_of
 from pandora_lightning.world.domains import ACTIONS, DOMAINS
+from pandora_lightning.world.phrasing import phrasings
 from pandora_lightning.world.simulator import caption_for
 
 
 def world_corpus() -> list[str]:
-    """All action phrasings, and a caption per domain and colour that uses every verb of the domain."""
-    texts = [text for phrasings in ACTIONS.values() for text in phrasings]
+    """Every phrasing the grammar makes (held-out ones use only words of training ones), and a caption
+    per domain and colour that uses every verb of the domain."""
+    texts = [text for action in ACTIONS for text in phrasings(action)]
     for domain in DOMAINS.values():
         texts += [caption_for(domain, name, list(domain.actions)) for name, _ in domain.palette]
     return texts

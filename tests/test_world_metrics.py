@@ -1,0 +1,121 @@
+"""The world's action-following metric as `score` reports it: strict beside lenient, a bootstrap
+interval over episodes, the text-ignoring chance level, the held-out-action rounds, DDP sync."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pandora_lightning.evaluation.metrics.interval import bootstrap_interval
+from pandora_lightning.evaluation.report import markdown
+from pandora_lightning.world import DOMAINS, SPLITS, TRANSFER_DOMAIN, ObjectState, WorldConfig, render_states, sample_episode, simulate
+from pandora_lightning.world.metrics import ActionFollowing
+from pandora_lightning.world.shards import episode_metadata
+
+WORLD = WorldConfig(held_out_rounds=4)
+
+
+def rollouts(split: str, per_domain: int, rate: float = 1.0, seed: int = 0):
+    """Videos carrying out each round at `rate` x the commanded change, and the episodes' shard JSON."""
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    names = [TRANSFER_DOMAIN] if split == "transfer" else list(DOMAINS)
+    videos, metas = [], []
+    for name in names:
+        for _ in range(per_domain):
+            ep = sample_episode(WORLD, name, rng, split=split)
+            d, states = DOMAINS[name], list(ep.states[: WORLD.cond_frames])
+            for span in ep.actions:
+                s0 = states[-1]
+                for t in simulate(d, s0, span["action"], WORLD.round_frames):
+                    states.append(ObjectState(s0.x + rate * (t.x - s0.x), s0.y + rate * (t.y - s0.y),
+                                              s0.radius + rate * (t.radius - s0.radius), s0.color))
+            videos.append(render_states(d, states, WORLD.image_size))
+            metas.append(episode_metadata(ep, WORLD, split))
+    return torch.from_numpy(np.stack(videos)).permute(0, 1, 4, 2, 3), metas
+
+
+def test_bootstrap_interval_resamples_episodes():
+    values = np.array([1, 1, 0, 1, 0, 0, 1, 1], float)
+    episodes = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    lo, hi = bootstrap_interval(values, episodes)
+    assert lo < values.mean() < hi and (lo, hi) == bootstrap_interval(values, episodes)
+    assert bootstrap_interval(np.ones(6), np.arange(6)) == (1.0, 1.0)
+    assert bootstrap_interval(np.array([]), np.array([])) is None
+    many = bootstrap_interval(np.tile(values, 25), np.repeat(np.arange(100), 2))
+    assert many[1] - many[0] < hi - lo  # more episodes, narrower
+    with pytest.raises(ValueError, match="same shape"):
+        bootstrap_interval(values, episodes[:3])
+
+
+def test_exact_rollouts_score_one_with_interval_and_chance():
+    metric = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS))
+    metric.update(*rollouts("val", 4))
+    report = metric.report()
+    strict, lenient = report["action_following"], report["action_following_lenient"]
+    assert strict["overall"] == lenient["overall"] == 1.0 and strict["count"] == 4 * 4 * 4
+    assert strict["interval"] == (1.0, 1.0) and strict["per_round"] == [1.0] * 4
+    chance = strict["baseline"]
+    assert 0.1 < chance["overall"] < 0.45 and set(chance["per_domain"]) == set(DOMAINS)
+    assert "action_following_held_out" not in report  # val never asks for a held-out action
+
+
+def test_wrong_rate_fails_strictly_but_not_leniently():
+    metric = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS))
+    metric.update(*rollouts("val", 3, rate=0.4))
+    report = metric.report()
+    assert report["action_following"]["overall"] == 0.0
+    assert report["action_following_lenient"]["overall"] > 0.9
+    low, high = report["action_following"]["interval"]
+    assert low == high == 0.0
+
+
+def test_transfer_rounds_of_held_out_actions_are_reported_apart():
+    metric = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, [TRANSFER_DOMAIN])
+    metric.update(*rollouts("transfer", 6))
+    report = metric.report()
+    held = report["action_following_held_out"]
+    assert 0 < held["count"] < report["action_following"]["count"]
+    assert held["overall"] == 1.0 and held["baseline"]["overall"] < 0.6
+    assert all(v in (1.0, None) for v in held["per_round"])
+
+
+def test_records_gather_across_processes():
+    """Two 'ranks' score halves of the episodes; a fake all-gather gives the one-process report."""
+    videos, metas = rollouts("val", 2, rate=0.9, seed=4)
+    whole = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS))
+    whole.update(videos, metas)
+    peer = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS))
+    peer.update(videos[4:], metas[4:])
+    peer_records = itertools.cycle([torch.cat(peer.records)])
+    rank0 = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS),
+                            dist_sync_fn=lambda t, group=None: [t, next(peer_records)], distributed_available_fn=lambda: True)
+    rank0.update(videos[:4], metas[:4])
+    assert rank0.report() == whole.report()
+
+
+def test_markdown_prints_interval_and_chance_beside_the_accuracy():
+    metric = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS))
+    metric.update(*rollouts("val", 2))
+    scores = {"checkpoint": "c.ckpt", "stage": "instruct", "manifest": "m.yaml", "seed": 0, "per_domain": 2,
+              "wall_seconds": 1.0, "skipped": {}, "splits": {"val": {"episodes": 8, "rounds": 32, "metrics": metric.report()}}}
+    text = markdown(scores)
+    chance = metric.report()["action_following"]["baseline"]["overall"]
+    assert f"1.000 [1.00, 1.00] (chance {chance:.2f})" in text
+    assert "action following (lenient)" in text and "text-ignoring" in text
+
+
+def test_demo_summary_and_spread_over_seeds():
+    from pandora_lightning.world.demo import seed_spread, split_summary
+
+    runs = []
+    for rate in (1.0, 0.4):
+        metric = ActionFollowing(WORLD.cond_frames, WORLD.round_frames, list(DOMAINS))
+        metric.update(*rollouts("val", 1, rate=rate))
+        runs.append({"val": split_summary(metric.report())})
+    strict = runs[0]["val"]["action_following"]
+    assert strict["overall"] == 1.0 and strict["interval"] == (1.0, 1.0) and 0 < strict["chance"] < 0.6
+    spread = seed_spread(runs)["val"]
+    assert spread["action_following"]["values"] == [1.0, 0.0] and spread["action_following"]["mean"] == 0.5
+    assert spread["action_following_lenient"]["min"] > 0.5
