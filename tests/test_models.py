@@ -3,11 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel, UNetSpatioTemporalConditionModel
+from diffusers import UNetSpatioTemporalConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from tests.generator_folders import svd
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.recipe import load_recipe
-from pandora_lightning.models.generator import GeneratorConfig, VideoGenerator
+from pandora_lightning.models.generator import GeneratorConfig, build_generator
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
 from pandora_lightning.models.text_encoder import TextEncoder, TextEncoderConfig
 from pandora_lightning.models.tokenizer import build_word_tokenizer, words_of
@@ -63,7 +65,7 @@ def test_rollout_rejects_bad_action_lists(model, actions):
 
 
 def test_generator_sample_returns_given_frames_first():
-    gen = VideoGenerator(GeneratorConfig(num_inference_steps=2)).eval()
+    gen = build_generator(GeneratorConfig(num_inference_steps=2)).eval()
     given = torch.rand(2, 2, 3, 32, 32) * 2 - 1
     clip = gen.sample(given, torch.randn(2, 8, 64))
     assert clip.shape == (2, 6, 3, 32, 32)
@@ -72,7 +74,7 @@ def test_generator_sample_returns_given_frames_first():
 
 
 def test_pixel_space_encode_decode_is_exact():
-    gen = VideoGenerator(GeneratorConfig())
+    gen = build_generator(GeneratorConfig())
     frames = torch.rand(2, 6, 3, 32, 32) * 2 - 1
     latents = gen.encode(frames)
     assert latents.shape == (2, 6, 12, 16, 16)
@@ -83,8 +85,8 @@ def test_missing_pretrained_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local directory.*no hub access"):
         LLMBackbone(LLMConfig(pretrained="meta-llama/Llama-2-7b-chat-hf"))
     (tmp_path / "unet").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        VideoGenerator(GeneratorConfig(pretrained=str(tmp_path)))
+    with pytest.raises(PandoraError, match="cannot tell its family; looked for model_index.json"):
+        build_generator(GeneratorConfig(pretrained=str(tmp_path)))
 
 
 def _save_pretrained_dirs(root: Path) -> dict[str, Path]:
@@ -98,21 +100,10 @@ def _save_pretrained_dirs(root: Path) -> dict[str, Path]:
         LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
-    video = root / "video"
-    UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
-        up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
-        cross_attention_dim=48, num_attention_heads=(2, 4), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
-    ).save_pretrained(video / "unet")
-    AutoencoderKL(
-        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=8, sample_size=32,
-    ).save_pretrained(video / "vae")
-    DDPMScheduler(prediction_type="v_prediction").save_pretrained(video / "scheduler")
+    video = svd(root / "video")  # an SVD release's layout, fp16, cross-attention width 32
     # The video model's own text encoder, with its tokenizer in the same folder.
     CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=0, pad_token_id=0)
     ).save_pretrained(video / "text_encoder")
     tokenizer.save_pretrained(video / "text_encoder")
@@ -137,11 +128,11 @@ def test_world_model_from_pretrained_dirs_through_a_recipe(tmp_path):
     stage = AlignStage.from_recipe(recipe)
     model = stage.model
     assert model.llm.hidden_size == 32 and model.vision.hidden_size == 32
-    assert model.generator.vae is not None and model.generator.channels == 4 and model.generator.mask_channel == 0
-    assert model.generator.context_dim == 48 and model.output_adapter.proj_out.out_features == 48
-    # Loaded, not re-initialised: the UNet weights equal the saved ones.
+    assert model.generator.family == "svd" and model.generator.vae.config.latent_channels == 4
+    assert model.generator.context_dim == 32 and model.output_adapter.proj_out.out_features == 32
+    # Loaded, not re-initialised: the UNet weights equal the saved (fp16) ones.
     saved = UNetSpatioTemporalConditionModel.from_pretrained(dirs["video"] / "unet")
-    torch.testing.assert_close(model.generator.unet.conv_in.weight, saved.conv_in.weight)
+    torch.testing.assert_close(model.generator.unet.conv_in.weight, saved.conv_in.weight.float())
     saved_text = CLIPTextModel.from_pretrained(dirs["video"] / "text_encoder")
     torch.testing.assert_close(model.text_encoder.model.embeddings.token_embedding.weight,
                                saved_text.embeddings.token_embedding.weight)
@@ -188,24 +179,7 @@ def test_guided_rollout_runs_two_contexts_and_differs_from_unguided():
     assert not torch.allclose(plain, guided)
 
 
-def _save_unet3d(video: Path, in_channels: int) -> None:
-    UNet3DConditionModel(
-        sample_size=16, in_channels=in_channels, out_channels=12, block_out_channels=(32, 32), layers_per_block=1,
-        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"), up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(video / "unet")
-    DDPMScheduler().save_pretrained(video / "scheduler")
-
-
-def test_unet3d_generator_runs(tmp_path):
-    _save_unet3d(tmp_path, in_channels=25)  # 12 noisy + 12 condition + 1 mask
-    gen = VideoGenerator(GeneratorConfig(pretrained=str(tmp_path), num_inference_steps=2))
-    assert gen.mask_channel == 1 and not gen.frames_first
-    clip = gen.sample(torch.zeros(1, 2, 3, 32, 32), torch.randn(1, 8, 64))
-    assert clip.shape == (1, 6, 3, 32, 32)
-
-
-def test_unet_with_wrong_channels_is_rejected(tmp_path):
-    _save_unet3d(tmp_path, in_channels=5)
-    with pytest.raises(ValueError, match="takes 5 channels in"):
-        VideoGenerator(GeneratorConfig(pretrained=str(tmp_path)))
+def test_generator_folder_of_another_family_is_refused(tmp_path):
+    folder = svd(tmp_path / "svd")
+    with pytest.raises(PandoraError, match="generator.family=wan but .* holds a svd model; set generator.family=svd or null"):
+        build_generator(GeneratorConfig(family="wan", pretrained=str(folder)))

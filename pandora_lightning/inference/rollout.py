@@ -35,10 +35,11 @@ class Rollout:
         model, n = self.model, self.model.cond_frames
         given = self.video[:, -n:]
         uncond = None
-        if model.cfg.generator.guidance_scale == 1.0:
+        if not model.generator.needs_uncond_context:
             context = model.context(given, texts)
         else:  # the text and the empty text through the encoders in one batch
             context, uncond = model.context(torch.cat([given, given]), [*texts, *[""] * len(texts)]).chunk(2)
+        # frames [0, n) of a family's clip are its rendering of the given ones: keep the new frames
         clip = model.generator.sample(given, context, generator=self.rng, uncond_context=uncond)[:, n:]
         self.video = torch.cat([self.video, clip], dim=1)
         return clip

@@ -16,6 +16,9 @@ class OutputAdapterConfig:
     intermediate_size: int = 128
     num_queries: int = 8  # 77 in the reference: the length of the text context it replaces
     cross_attention_frequency: int = 1  # 2 in the reference
+    # Width of the tokens it hands the generator; null = the generator's cross-attention width.
+    # Set it (1024 in the reference) to have a generator of another width refused by name.
+    context_dim: int | None = None
     # Weight init std; None = hidden_size ** -0.5. BERT's 0.02 is tuned for width 768 and leaves a
     # narrow Q-Former almost blind to its memory (output variance across inputs ~1e-5 at width 64).
     initializer_range: float | None = None

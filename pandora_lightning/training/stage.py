@@ -62,16 +62,12 @@ class WorldModelStage(L.LightningModule):
         rank_zero_info(f"[{self.stage}] trainable / frozen parameters:\n{trainable_table(self.model)}")
 
     def diffusion_loss(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """frames (B, T, 3, H, W) in [-1, 1], context (B, N, Dctx) -> MSE on the new frames."""
-        n = self.model.cond_frames
-        generator = self.model.generator
-        x0, cond = generator.prepare(frames)
-        noise = torch.randn_like(x0)
-        steps = generator.train_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
-        pred = generator(generator.add_noise(x0, noise, t), t, cond, context)
-        target = generator.training_target(x0, noise, t)
-        return F.mse_loss(pred[:, n:].float(), target[:, n:].float())
+        """frames (B, T, 3, H, W) in [-1, 1], context (B, N, Dctx) -> MSE on the new frames.
+
+        The generator family draws the noise level and forms its own target (epsilon, v, EDM, flow).
+        """
+        pred, target = self.model.generator(frames, context)
+        return F.mse_loss(pred.float(), target.float())
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings -> {"loss": weighted total, "diffusion", "distill"}."""

@@ -1,0 +1,153 @@
+"""The tiny generator of the tests and the demo: a small spatio-temporal UNet in pixel space.
+
+The clip has `frames` frames; the first `cond_frames` of them are given (the start image, or the
+last frames of the previous round) and reach the UNet as extra input channels, as image-to-video
+models concatenate their condition latents. The LLM side arrives as the cross-attention context.
+Frames are pixel-unshuffled into patch_size**2 * 3 channels (4x fewer positions at patch 2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNetSpatioTemporalConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+# peft target modules for LoRA on the tiny UNet (the same block names as the SVD family).
+LORA_ATTENTION_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+
+def _tiny_unet(cfg, channels: int) -> nn.Module:
+    levels = len(cfg.block_out_channels)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=[s // cfg.patch_size for s in cfg.size],
+        in_channels=2 * channels + 1,
+        out_channels=channels,
+        down_block_types=("DownBlockSpatioTemporal",) + ("CrossAttnDownBlockSpatioTemporal",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal",) * (levels - 1) + ("UpBlockSpatioTemporal",),
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim,
+        num_attention_heads=tuple(max(1, c // cfg.attention_head_dim) for c in cfg.block_out_channels),
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * len(cfg.added_time_ids),
+    )
+
+
+class TinyGenerator(nn.Module):
+    """Pixel-space video diffusion: clips (B, T, 3, H, W) in [-1, 1] <-> (B, T, 3 p^2, H / p, W / p)."""
+
+    family = "tiny"
+    has_text_teacher = True  # the tiny random CLIP text encoder of the world model
+    context_tokens = None
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = 3 * cfg.patch_size**2
+        self.unet = _tiny_unet(cfg, self.channels)
+        schedule = dict(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type, clip_sample=False)
+        self.train_scheduler = DDPMScheduler.from_config(schedule)
+        self.sample_scheduler = DDIMScheduler.from_config(schedule, timestep_spacing="trailing")
+        self.register_buffer("added_time_ids", torch.tensor(cfg.added_time_ids), persistent=False)
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.cfg.num_inference_steps or 20
+
+    @property
+    def guidance_scale(self) -> float:
+        return 1.0 if self.cfg.guidance_scale is None else self.cfg.guidance_scale
+
+    context_key = "generator.cross_attention_dim"  # where the cross-attention width is set
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet.config.cross_attention_dim
+
+    @property
+    def cond_latent_frames(self) -> int:
+        return self.cfg.cond_frames
+
+    @property
+    def needs_uncond_context(self) -> bool:
+        return self.guidance_scale > 1
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(frames.flatten(0, 1), self.cfg.patch_size).unflatten(0, frames.shape[:2])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(latents.flatten(0, 1), self.cfg.patch_size).unflatten(0, latents.shape[:2]).clamp(-1, 1)
+
+    def condition(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, h, w) -> condition channels: the given frames, then the last given frame repeated, + a mask.
+
+        Repeating the last state into every new position (as SVD repeats its image latent) lets
+        each output frame see the current state directly, so the UNet only has to learn the change.
+        """
+        n = self.cfg.cond_frames
+        cond = torch.cat([latents[:, :n], latents[:, n - 1 : n].expand(-1, latents.shape[1] - n, -1, -1, -1)], dim=1)
+        mask = torch.zeros_like(latents[:, :, :1])
+        mask[:, :n] = 1
+        return torch.cat([cond, mask], dim=2)
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call. noisy (B, T, C, h, w), cond from `condition`, context (B, N, Dctx) -> (B, T, C, h, w)."""
+        sample = torch.cat([noisy, cond], dim=2)
+        ids = self.added_time_ids.to(sample.dtype).expand(sample.shape[0], -1)
+        return self.unet(sample.to(self.unet.dtype), timesteps, context.to(self.unet.dtype), ids).sample
+
+    def anchor(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the diffused signal is relative to: the last given frame (residual mode) or nothing."""
+        if not self.cfg.residual:
+            return torch.zeros_like(latents[:, :1])
+        return latents[:, self.cfg.cond_frames - 1 : self.cfg.cond_frames]
+
+    def forward(self, frames, context, noise=None, timesteps=None):
+        """The training pair: frames (B, T, 3, H, W) -> (UNet output, target of the prediction type) on the new frames."""
+        n = self.cfg.cond_frames
+        latents = self.encode(frames)
+        x0, cond = latents - self.anchor(latents), self.condition(latents)
+        noise = torch.randn_like(x0) if noise is None else noise
+        if timesteps is None:
+            timesteps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        pred = self.denoise(self.train_scheduler.add_noise(x0, noise, timesteps), timesteps, cond, context)
+        kind = self.train_scheduler.config.prediction_type
+        if kind == "v_prediction":
+            target = self.train_scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = x0 if kind == "sample" else noise
+        return pred[:, n:], target[:, n:]
+
+    def guided(self, x, t, cond, context, uncond):
+        """One denoising prediction, with classifier-free guidance when an unconditional context is given."""
+        b = x.shape[0]
+        if uncond is None:
+            return self.denoise(x, t.expand(b), cond, context).to(x.dtype)
+        both = self.denoise(torch.cat([x, x]), t.expand(2 * b), torch.cat([cond, cond]), torch.cat([context, uncond]))
+        with_text, without = both.to(x.dtype).chunk(2)
+        return without + self.guidance_scale * (with_text - without)
+
+    @torch.no_grad()
+    def sample(self, given, context, generator=None, uncond_context=None, image=None):
+        """given (B, cond_frames, 3, H, W), context (B, N, Dctx) -> clip (B, frames, 3, H, W), given frames first.
+
+        uncond_context (B, N, Dctx), the context of an empty text, turns on classifier-free guidance.
+        A list of B generators gives every sample its own noise, whatever else is in the batch.
+        """
+        b, n = given.shape[:2]
+        known = self.encode(given)
+        shape = (b, self.cfg.frames, *known.shape[2:])
+        # Only the first n positions are read by `condition` and `anchor`.
+        padded = torch.cat([known, known.new_zeros(b, self.cfg.frames - n, *known.shape[2:])], dim=1)
+        cond = self.condition(padded)
+        x = randn_tensor(shape, generator=generator, device=known.device, dtype=known.dtype)
+        scheduler = self.sample_scheduler
+        scheduler.set_timesteps(self.num_inference_steps, device=known.device)
+        for t in scheduler.timesteps:
+            x = scheduler.step(self.guided(x, t, cond, context, uncond_context), t, x).prev_sample
+        latents = x + self.anchor(padded)
+        latents[:, :n] = known
+        clip = self.decode(latents)
+        clip[:, :n] = given
+        return clip
