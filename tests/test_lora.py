@@ -55,7 +55,7 @@ def outputs(model: WorldModel) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         context = model.context(given, TEXTS)
         cond = model.generator.condition(latents)
-        return context, model.generator(latents, torch.tensor([500, 20]), cond, context)
+        return context, model.generator.denoise(latents, torch.tensor([500, 20]), cond, context)
 
 
 def test_default_targets_are_spatial_and_temporal_attention():
