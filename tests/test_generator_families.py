@@ -64,6 +64,7 @@ def test_sample_equals_the_family_pipeline(folders, name, monkeypatch):
         ref = pipe(image=image, prompt_embeds=context, negative_prompt_embeds=uncond, **common).frames
     assert gen.guidance_scale > 1  # the families' own default guidance was exercised
     assert ours.shape == ref.shape == (1, frames, 3, H, W)
+    print(f"{name}: max |sample - pipeline| = {(ours - (ref * 2 - 1)).abs().max().item():.1e} over {tuple(ours.shape)}")
     torch.testing.assert_close(ours, ref * 2 - 1, atol=1e-4, rtol=0)
 
 

@@ -1,7 +1,7 @@
 """LoRA on the world model's components with peft: where adapters go, which one is active, merging.
 
 Each adaptable component has one peft base model: the LLM's causal LM (`llm.model`), the
-generator's denoiser (`generator.unet`) and the output adapter. Adapters are injected with peft's
+generator's denoiser (`generator.backbone`: its UNet or transformer) and the output adapter. Adapters are injected with peft's
 `inject_adapter_in_model`, so parameter names stay the component's own plus peft's
 `lora_A.<adapter>` / `lora_B.<adapter>`, and one component can hold several named adapters.
 """
@@ -40,7 +40,7 @@ def lora_base(model: nn.Module, component: str) -> nn.Module:
     if component == "llm":
         return model.llm.model
     if component == "generator":
-        return model.generator.unet
+        return model.generator.backbone  # the UNet, or Wan's transformer
     if component == "output_adapter":
         return model.output_adapter
     raise PandoraError(f"LoRA component '{component}' is unknown; use one of {LORA_COMPONENTS}")

@@ -54,6 +54,11 @@ class SVDGenerator(FamilyGenerator):
     context_key = "unet/config.json cross_attention_dim"  # where the cross-attention width is set
 
     @property
+    def backbone(self):
+        """The denoiser: what trains (generator.unet.*) and takes LoRA; VAE and encoders stay frozen."""
+        return self.unet
+
+    @property
     def context_dim(self) -> int:
         return self.unet.config.cross_attention_dim
 

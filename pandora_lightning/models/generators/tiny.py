@@ -62,6 +62,11 @@ class TinyGenerator(nn.Module):
     context_key = "generator.cross_attention_dim"  # where the cross-attention width is set
 
     @property
+    def backbone(self):
+        """The denoiser: what trains (generator.unet.*) and takes LoRA; VAE and encoders stay frozen."""
+        return self.unet
+
+    @property
     def context_dim(self) -> int:
         return self.unet.config.cross_attention_dim
 

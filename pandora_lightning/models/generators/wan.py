@@ -92,6 +92,11 @@ class WanGenerator(FamilyGenerator):
     context_key = "transformer/config.json text_dim"  # where the cross-attention width is set
 
     @property
+    def backbone(self):
+        """The denoiser: what trains (generator.transformer.*) and takes LoRA; VAE and encoders stay frozen."""
+        return self.transformer
+
+    @property
     def context_dim(self) -> int:
         return self.transformer.config.text_dim
 
