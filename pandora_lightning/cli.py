@@ -83,7 +83,8 @@ def _shards_build(args) -> None:
 def _shards_inspect(args) -> None:
     from pandora_lightning.data.tools.checks import format_table, inspect_shards
 
-    report = inspect_shards(args.sources, args.split, args.sheet, args.samples, seed=args.seed)
+    report = inspect_shards(args.sources, args.split, args.sheet, args.samples, seed=args.seed,
+                            allow_commands=args.allow_commands)
     print(format_table(report))
     print(f"{report['samples']} samples")
     for url, key, why in report["unreadable"]:
@@ -95,13 +96,11 @@ def _shards_inspect(args) -> None:
 
 
 def _shards_verify(args) -> int:
-    from pandora_lightning.data.tools.checks import verify_shards
+    from pandora_lightning.data.tools.verify import has_problems, problem_lines, verify_shards
 
-    report = verify_shards(args.sources, args.split, args.min_frames, args.workers, not args.quiet)
-    for url, key, why in report["corrupt"]:
-        print(f"corrupt: {url}:{key}: {why}")
-    print(f"{report['samples']} samples in {report['shards']} shards: {len(report['corrupt'])} corrupt")
-    return 1 if report["corrupt"] else 0
+    report = verify_shards(args.sources, args.split, args.min_frames, args.workers, not args.quiet, args.allow_commands)
+    print("\n".join(problem_lines(report)))
+    return 1 if has_problems(report) else 0
 
 
 def _demo(args) -> None:
@@ -134,11 +133,15 @@ def _score(args) -> None:
     if len(checkpoints) > 1:
         raise PandoraError(f"score takes one checkpoint, got {checkpoints}")
     flags = ("manifest", "splits", "per_domain", "batch_size", "seed", "fvd_detector", "fvd_feature_dim", "clip_model", "out",
-             "save_videos", "num_inference_steps")
+             "save_videos", "num_inference_steps", "allow_commands")
     values = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if checkpoints:
         values["checkpoint"] = checkpoints[0]
     print_scores(run_score(load_score_config(args.recipe, overrides, values), plugins=[WORLD_METRICS]))
+
+
+ALLOW_COMMANDS_HELP = ("read pipe: and URL shard sources: they RUN COMMANDS (pipe: a shell command, URLs curl and the "
+                       "like); only for manifests you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,14 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", type=int, default=8, help="samples on the contact sheet")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--json", help="also write the report as JSON")
+    i.add_argument("--allow-commands", action="store_true", help=ALLOW_COMMANDS_HELP)
     i.set_defaults(run=_shards_inspect)
 
-    v = kinds.add_parser("verify", help="decode every sample; list the corrupt ones (exit status 1 if any)")
+    v = kinds.add_parser("verify", help="decode every sample and reconcile with index.jsonl and the manifest; list "
+                                        "corrupt and lost samples by key (exit status 1 if any)")
     v.add_argument("sources", nargs="+", help="a manifest .yaml, a folder of .tar shards, or shard files")
     v.add_argument("--split", help="only this split of a manifest")
     v.add_argument("--min-frames", type=int, default=1, help="a clip with fewer frames is corrupt")
     v.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.add_argument("--allow-commands", action="store_true", help=ALLOW_COMMANDS_HELP)
     v.set_defaults(run=_shards_verify)
 
     p = verbs.add_parser("demo", help="world shards -> align -> instruct -> multi-round rollouts + accuracy")
@@ -236,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <run folder>/scores/<checkpoint name>)")
     p.add_argument("--save-videos", action="store_true", default=None, help="also write an mp4 per rollout")
     p.add_argument("--num-inference-steps", type=int, help="sampler steps per round (default: the checkpoint's)")
+    p.add_argument("--allow-commands", action="store_true", default=None, help=ALLOW_COMMANDS_HELP)
     p.set_defaults(run=_score)
     return parser
 

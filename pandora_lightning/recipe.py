@@ -32,4 +32,4 @@ def score_callbacks(recipe: RecipeConfig, plugins: Sequence[EpisodeMetrics] = ()
     """The fit-time scoring callback when the recipe's eval block turns it on."""
     if recipe.eval.every_n_steps <= 0:
         return []
-    return [ScoreCallback(recipe.eval, recipe.data.manifest, plugins)]
+    return [ScoreCallback(recipe.eval, recipe.data.manifest, plugins, recipe.data.allow_commands)]

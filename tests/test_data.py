@@ -11,7 +11,7 @@ import webdataset as wds
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.data import loader as loader_module
-from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, TooManyBadSamples
+from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder
 from pandora_lightning.data.loader import training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.data.stream import block_counts
@@ -57,7 +57,7 @@ def write_sets(root: Path, sets: dict, weights: dict | None = None, corrupt: dic
 
 def make_loader(manifest: Path, workers: int = 0, batch: int = 2, epoch_samples: int = 0, seed: int = 0, **data):
     cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=8, epoch_samples=epoch_samples, **data)
-    return training_loader(load_manifest(manifest), cfg, "action", 6, 2, 32, seed)
+    return training_loader(load_manifest(manifest, allow_commands=cfg.allow_commands), cfg, "action", 6, 2, 32, seed)
 
 
 def take(loader, batches: int) -> list[str]:
@@ -119,26 +119,40 @@ CORRUPTIONS = {
     "no-mp4": lambda s: {k: v for k, v in s.items() if k != "mp4"},
     "bad-json": lambda s: {**s, "json": b"{broken"},
     "no-json": lambda s: {k: v for k, v in s.items() if k != "json"},
-    "no-actions": lambda s: {**s, "json": json.dumps({"caption": "x", "actions": [], "domain": "meadow"}).encode()},
     "too-few-frames": _too_few_frames,
+    "action-past-the-clip": lambda s: {**s, "json": json.dumps({"caption": "x", "num_frames": 14, "actions": [
+        {"text": "move left", "start": 2, "end": 99}]}).encode()},
+    "huge-number": lambda s: {**s, "json": json.dumps({"caption": "x", "actions": [
+        {"text": "move left", "start": 10**30, "end": 10**31}]}).encode()},
 }
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_corrupt_sample_is_skipped_and_counted(corrupt, caplog):
-    counter = BadSampleCounter(max_fraction=1.0)
+    counter = BadSampleCounter(log_each=True)
     decoder = ExampleDecoder("action", frames=6, cond_frames=2, counter=counter)
     assert decoder(corrupt({**_sample("meadow", "bad-one"), "__url__": "mem"})) is None
     assert decoder(_sample("meadow", "good")) is not None
-    assert (counter.bad, counter.seen) == (1, 2)
+    assert (counter.bad, counter.seen, counter.no_text) == (1, 2, 0)
+    assert counter.reports[0][:2] == ("mem", "bad-one")
     assert "mem:bad-one" in caplog.text
 
 
-def test_too_many_bad_samples_stop_the_run():
-    decoder = ExampleDecoder("action", frames=6, cond_frames=2, counter=BadSampleCounter(max_fraction=0.05))
-    with pytest.raises(TooManyBadSamples, match="data.max_bad_fraction"):
-        for _ in range(20):
-            decoder({**_sample("meadow", "k"), "mp4": b"junk"})
+def test_a_clip_without_the_stages_text_is_not_corrupt():
+    counter = BadSampleCounter()
+    decoder = ExampleDecoder("action", frames=6, cond_frames=2, counter=counter)
+    caption_only = json.dumps({"caption": "a meadow", "actions": [], "domain": "meadow"}).encode()
+    assert decoder({**_sample("meadow", "k"), "json": caption_only}) is None
+    assert (counter.bad, counter.no_text) == (0, 1) and "no action text" in counter.no_text_example
+    assert ExampleDecoder("caption", 6, 2, counter)({**_sample("meadow", "k"), "json": caption_only}) is not None
+
+
+def test_the_limit_is_a_fraction_with_a_minimum_count():
+    from pandora_lightning.data.dataset import bad_limit_reached
+
+    assert not bad_limit_reached(1, 10, 0.05, 4)  # 10% but fewer than min_bad_samples
+    assert bad_limit_reached(1, 10, 0.05, 1)  # a small set: min_bad_samples=1 lets the fraction decide
+    assert not bad_limit_reached(4, 100, 0.05, 4) and bad_limit_reached(6, 100, 0.05, 4)
 
 
 # --- manifests ---------------------------------------------------------------------------------
@@ -167,7 +181,9 @@ def test_manifest_errors(tmp_path, world_manifest):
         with pytest.raises(PandoraError, match=message):
             load_manifest(tmp_path / f"m{i}.yaml")
     (tmp_path / "ok.yaml").write_text("sets:\n- {split: train, domain: a, shards: ['a.tar', 'pipe:cat a.tar', 'https://h/b-{0..1}.tar'], samples: 3}\n")
-    ok = load_manifest(tmp_path / "ok.yaml")
+    with pytest.raises(PandoraError, match="set 'train/a' names 'pipe:cat a.tar', which runs a command"):
+        load_manifest(tmp_path / "ok.yaml")
+    ok = load_manifest(tmp_path / "ok.yaml", allow_commands=True)
     assert ok.urls(ok.sets[0]) == [str(tmp_path / "a.tar"), "pipe:cat a.tar", "https://h/b-0.tar", "https://h/b-1.tar"]
 
 
@@ -252,14 +268,17 @@ def test_a_checkpoint_from_another_geometry_starts_the_next_epoch(tmp_path, capl
 # --- corrupt samples in the stream ------------------------------------------------------------------
 
 
-def test_truncated_tar_is_skipped_and_the_stream_goes_on(tmp_path, caplog):
+def test_truncated_tar_is_counted_once_by_key_however_often_it_is_read(tmp_path, caplog):
     manifest = write_sets(tmp_path, {"meadow": (2, 4)})
     cut = tmp_path / "meadow-000.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # ends inside a member
     loader = make_loader(manifest, max_bad_fraction=1.0)
-    keys = take(loader, 8)
+    keys = take(loader, 8)  # several passes over the small set
     assert len(keys) == 16 and set(keys) >= {f"meadow-1-{i}" for i in range(4)}
-    assert loader.bad >= 1 and f"{cut}:(rest of shard)" in caplog.text
+    assert loader.bad == 1 and loader.seen > 8  # read in every pass, counted once
+    (where, reason), = loader.bad_samples.items()
+    assert where.startswith(f"{cut}:meadow-0-") and "truncated" in reason
+    assert len([r for r in caplog.records if "skipping corrupt sample" in r.getMessage()]) == 1
 
 
 def test_workers_report_corrupt_samples_to_the_training_process(tmp_path, caplog):
@@ -270,8 +289,8 @@ def test_workers_report_corrupt_samples_to_the_training_process(tmp_path, caplog
         keys = take(loader, len(loader))
     # Each worker draws past its corrupt samples (and may meet them again in its next pass).
     assert len(keys) == 16 and not set(corrupt) & set(keys)
-    assert loader.bad >= 3 and loader.seen - loader.bad == 16
-    assert len([r for r in caplog.records if "skipping corrupt sample" in r.getMessage()]) == loader.bad
+    assert loader.bad == 3 and loader.seen >= 16 + 3
+    assert len([r for r in caplog.records if "skipping corrupt sample" in r.getMessage()]) == 3
     for key in corrupt:
         shard = tmp_path / f"{key.split('-')[0]}-{int(key.split('-')[1]):03d}.tar"
         assert f"{shard}:{key}" in caplog.text
@@ -280,14 +299,21 @@ def test_workers_report_corrupt_samples_to_the_training_process(tmp_path, caplog
 def test_too_many_corrupt_samples_stop_the_loader(tmp_path):
     corrupt = {f"meadow-{s}-{i}": CORRUPTIONS["not-mp4"] for s in range(2) for i in range(8)}
     manifest = write_sets(tmp_path, {"meadow": (2, 8), "space": (1, 8)}, corrupt=corrupt)
-    with pytest.raises(TooManyBadSamples, match="data.max_bad_fraction"):
-        take(make_loader(manifest, workers=0, max_bad_fraction=0.1), 12)
+    loader = make_loader(manifest, workers=0, max_bad_fraction=0.1)
+    take(loader, 2)
+    assert loader.bad >= 4 and "data.max_bad_fraction=0.1" in loader.stop_reason()
 
 
-def test_shards_open_through_webdataset_urls(tmp_path):
-    """`pipe:` (and http, s3, ... through webdataset's gopen) work like local shards."""
+def test_shards_open_through_webdataset_urls_only_on_opt_in(tmp_path):
+    """`pipe:` (and http, s3, ... through webdataset's gopen) run commands: refused unless data.allow_commands."""
     write_sets(tmp_path, {"meadow": (2, 2)})
+    marker = tmp_path / "ran"
     (tmp_path / "pipe.yaml").write_text(
-        f"sets:\n- {{split: train, domain: meadow, shards: ['pipe:cat {tmp_path}/meadow-{{000..001}}.tar'], samples: 4}}\n"
+        f"sets:\n- {{split: train, domain: meadow, shards: ['pipe:touch {marker}; cat {tmp_path}/meadow-{{000..001}}.tar'],"
+        f" samples: 4}}\n"
     )
-    assert sorted(take(make_loader(tmp_path / "pipe.yaml"), 2)) == sorted(f"meadow-{s}-{i}" for s in range(2) for i in range(2))
+    with pytest.raises(PandoraError, match="runs a command.*data.allow_commands=true"):
+        make_loader(tmp_path / "pipe.yaml")
+    assert not marker.exists()
+    keys = take(make_loader(tmp_path / "pipe.yaml", allow_commands=True), 2)
+    assert sorted(keys) == sorted(f"meadow-{s}-{i}" for s in range(2) for i in range(2)) and marker.exists()

@@ -10,7 +10,8 @@ from pandora_lightning.cli import main
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.data.tools.build import BuildSettings, build_shards, read_index
-from pandora_lightning.data.tools.checks import inspect_shards, verify_shards
+from pandora_lightning.data.tools.checks import inspect_shards
+from pandora_lightning.data.tools.verify import verify_shards
 from pandora_lightning.data.loader import training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.data.video import decode_mp4, encode_mp4, write_mp4
@@ -151,15 +152,17 @@ def test_verify_reports_each_kind_of_corrupt_sample(folder, tmp_path, capsys):
 
     report = verify_shards([str(out)], min_frames=14, progress=False)
     reasons = {key: why for _, key, why in report["corrupt"]}
-    # the truncated shard: its first sample lost its mp4, then the tar ends
-    assert set(reasons) == {"broken-mp4", "bad-json", "few-frames", "clip1-000001-000000", "(rest of shard)"}
-    assert "KeyError" in reasons["clip1-000001-000000"]
+    # shard 9 is not in index.jsonl: its samples are unexpected (and three of them broken); the truncated
+    # shard's one sample lost its mp4 member, named by key
+    assert set(reasons) == {"fine", "broken-mp4", "bad-json", "few-frames", "clip1-000001-000000"}
+    assert reasons["fine"] == "not in index.jsonl (an unexpected sample)"
+    assert "no mp4 member" in reasons["clip1-000001-000000"] and "truncated" in reasons["clip1-000001-000000"]
     assert "decode" in reasons["broken-mp4"] and "JSON" in reasons["bad-json"] and "fewer than 14" in reasons["few-frames"]
-    assert any(url == str(truncated) for url, key, _ in report["corrupt"] if key == "(rest of shard)")
+    assert report["lost"] == [] and report["damaged"] == []
 
     assert main(["shards", "verify", str(out), "--quiet", "--workers", "2"]) == 1
     printed = capsys.readouterr().out
-    assert f"corrupt: {out / 'train-meadow-000009.tar'}:bad-json" in printed and "corrupt" in printed.splitlines()[-1]
+    assert f"corrupt: {out / 'train-meadow-000009.tar'}:bad-json" in printed and "5 corrupt" in printed.splitlines()[-1]
 
 
 def test_inspect_counts_and_draws_a_contact_sheet(folder, tmp_path, capsys):

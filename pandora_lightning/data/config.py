@@ -11,7 +11,15 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 1
     shuffle_buffer: int = 128
-    max_bad_fraction: float = 0.05  # stop the run when more than this share of samples is corrupt
+    # The run stops (after writing checkpoints/last.ckpt) once more than this share of the samples read
+    # so far (counted up to one epoch's worth) is corrupt, each corrupt sample counted once by shard and
+    # key, and at least `min_bad_samples` are: so one bad sample among the first few read does not stop
+    # a run. On a small set lower min_bad_samples (1 makes the fraction alone decide).
+    max_bad_fraction: float = 0.05
+    min_bad_samples: int = 4
+    # Manifest entries that run a command to be read (`pipe:cmd` runs a shell command, http(s)://, s3://
+    # ... run curl or a cloud tool) are refused unless this is true: opt in only for manifests you trust.
+    allow_commands: bool = False
     epoch_samples: int = 0  # samples an epoch over the whole job; 0 = the split's sample count in the manifest
     # Which text of a sample steers the generator: caption | action; null = the stage's own
     # (align: caption, instruct: action).
@@ -20,5 +28,7 @@ class DataConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0 or self.epoch_samples < 0:
             raise ValueError("data.batch_size must be >= 1, data.num_workers and data.epoch_samples >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0 or self.min_bad_samples < 1:
+            raise ValueError("data.max_bad_fraction must be in [0, 1] and data.min_bad_samples >= 1")
         if self.text_kind not in (None, "caption", "action"):
             raise ValueError(f"data.text_kind='{self.text_kind}' is unknown; use caption, action or null")

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from pandora_lightning.data import tar
 from pandora_lightning.data.manifest import Manifest
+from pandora_lightning.data.tar import printable
 from pandora_lightning.data.video import decode_mp4
 from pandora_lightning.errors import PandoraError
 
@@ -35,88 +36,140 @@ class TooManyBadSamples(PandoraError):
     """More corrupt samples than `data.max_bad_fraction` allows."""
 
 
+class NoText(ValueError):
+    """A sound sample without the text the stage trains on (not corrupt: the data does not fit the stage)."""
+
+
+MAX_FRAMES = 10**6  # a frame index or count beyond this is taken for a damaged number
+
+
+def _whole(value, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_FRAMES:
+        text = repr(value) if len(repr(value)) <= 30 else repr(value)[:27] + "..."
+        raise ValueError(f"{what} is {text}, not a whole number in {low}..{MAX_FRAMES}")
+    return value
+
+
+def parse_meta(raw: bytes) -> dict:
+    """A sample's JSON, checked: `caption` and `domain` text, `actions` a list of {text, start, end} in
+    clip frames (0 <= start < end, end <= num_frames when given), `num_frames` and `fps` in range.
+    Raises ValueError naming the first problem."""
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ValueError("the JSON member is missing")
+    try:
+        meta = json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"the JSON cannot be read ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"the JSON is a {type(meta).__name__}, not an object")
+    for name in ("caption", "domain"):
+        if not isinstance(meta.get(name, ""), str):
+            raise ValueError(f"{name} is not text")
+    frames = meta.get("num_frames")
+    if frames is not None:
+        _whole(frames, "num_frames", 1)
+    fps = meta.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000):
+        raise ValueError(f"fps is {fps!r}, not a frame rate")  # NaN fails the range check too
+    actions = meta.get("actions", [])
+    if not isinstance(actions, list):
+        raise ValueError(f"actions is a {type(actions).__name__}, not a list")
+    for i, action in enumerate(actions):
+        if not isinstance(action, dict) or not isinstance(action.get("text"), str) or not action["text"].strip():
+            raise ValueError(f"action {i} has no text")
+        start, end = _whole(action.get("start"), f"action {i} start", 0), _whole(action.get("end"), f"action {i} end", 1)
+        if end <= start:
+            raise ValueError(f"action {i} ends (frame {end}) before it starts (frame {start})")
+        if frames is not None and end > frames:
+            raise ValueError(f"action {i} ends at frame {end}, after the clip's {frames} frames")
+    return meta
+
+
 @dataclass
 class BadSampleCounter:
-    """Skips and counts corrupt samples; stops the run once they exceed `max_fraction`.
+    """What a decoder saw: samples read, corrupt ones and sound ones without the stage's text.
 
-    `quiet` counters (inside data-loader workers) keep the reports in `reports` instead of logging
-    them, so the training process logs them where its log handlers are.
+    Corrupt samples are kept as (shard, key, reason) in `reports` for the training process, which
+    counts each one once per run and applies the limit (`loader.ShardLoader`); `log_each` logs them
+    here instead (outside training).
     """
 
-    max_fraction: float = 0.05
     seen: int = 0
     bad: int = 0
-    quiet: bool = False
-    reports: list[tuple[str, str]] = field(default_factory=list)
+    no_text: int = 0
+    reports: list[tuple[str, str, str]] = field(default_factory=list)
+    no_text_example: str = ""
+    log_each: bool = False
 
-    def skip(self, where: str, reason: str) -> None:
+    def skip(self, url: str, key: str, reason: str) -> None:
         self.bad += 1
-        if self.quiet:
-            self.reports.append((where, reason))
-        else:
-            log.warning("skipping corrupt sample %s: %s (%d bad of %d so far)", where, reason, self.bad, self.seen)
-        check_bad_fraction(self.bad, self.seen, self.max_fraction, f"{where}: {reason}")
-
-    def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler for a shard that cannot be read (truncated tar, missing URL, ...)."""
-        # webdataset appends (stream, url) to the exception's args
-        url = exn.args[-1] if len(exn.args) > 1 and isinstance(exn.args[-1], str) else "(tar stream)"
-        self.seen += 1
-        self.skip(f"{url}:(rest of shard)", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
-        return True  # keep going with the next shard
+        self.reports.append((url, key, reason))
+        if self.log_each:
+            log.warning("skipping corrupt sample %s:%s: %s", url, printable(key), reason)
 
 
-def check_bad_fraction(bad: int, seen: int, max_fraction: float, last: str) -> None:
-    # A floor of 8 so that one bad sample among the first few does not stop a run.
-    if bad > max(8, max_fraction * seen):
-        raise TooManyBadSamples(
-            f"{bad} of {seen} samples were corrupt (limit {max_fraction:.0%}, data.max_bad_fraction); "
-            f"last one: {last}. Check the shards with `pandora-lightning shards verify` or raise the limit."
-        )
+def bad_limit_reached(bad: int, seen: int, max_fraction: float, min_bad: int) -> bool:
+    """The limit of `data.max_bad_fraction` / `data.min_bad_samples` (see DataConfig): `bad` distinct
+    corrupt samples among `seen` read (the caller caps `seen` at one epoch's worth)."""
+    return bad >= min_bad and bad > max_fraction * seen
 
 
 class ExampleDecoder:
-    """Raw shard sample -> {"frames": (T, 3, H, W) uint8, "text", "domain", "key"}, or None if corrupt.
+    """Raw shard sample -> {"frames": (T, 3, H, W) uint8, "text", "domain", "key"}, or None (counted).
 
     Only the frames of the window are converted (the clip is decoded once, up to the window's end),
-    scaled to `size=(H, W)` when the clip has another size.
+    scaled to `size=(H, W)` when the clip has another size. Anything wrong with the sample's bytes
+    is a corrupt sample; a sound sample without the stage's text kind is counted apart (`no_text`).
     """
 
     def __init__(
-        self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter, size: tuple[int, int] | None = None
+        self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter | None = None,
+        size: tuple[int, int] | None = None,
     ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"text kind '{kind}' is unknown; use one of {TEXT_KINDS}")
-        self.kind, self.frames, self.cond_frames, self.counter, self.size = kind, frames, cond_frames, counter, size
+        self.kind, self.frames, self.cond_frames, self.size = kind, frames, cond_frames, size
+        self.counter = counter if counter is not None else BadSampleCounter(log_each=True)
 
     def window(self, meta: dict, rng: random.Random) -> tuple[int, str]:
         if self.kind == "caption":
-            if not isinstance(meta["caption"], str) or not meta["caption"]:
-                raise ValueError("the caption is empty")
+            if not meta.get("caption", "").strip():
+                raise NoText("it has no caption")
             return 0, meta["caption"]
-        spans = [a for a in meta["actions"] if a["end"] > self.cond_frames]
+        spans = [a for a in meta.get("actions", []) if a["end"] > self.cond_frames]
         if not spans:
-            raise ValueError(f"no action runs past the first {self.cond_frames} frames")
+            raise NoText("it has no action text" if not meta.get("actions") else
+                         f"none of its actions runs past the first {self.cond_frames} frames")
         span = rng.choice(spans)
         return max(0, span["start"] - self.cond_frames), span["text"]
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict | None:
         """`rng` picks the action; pass a seeded one for a reproducible stream."""
-        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
         self.counter.seen += 1
         try:
-            meta = json.loads(sample["json"])
+            if "__error__" in sample:
+                raise ValueError(sample["__error__"])
+            meta = parse_meta(sample.get("json"))
             start, text = self.window(meta, rng or random)
+            if not isinstance(sample.get("mp4"), (bytes, bytearray)):
+                raise ValueError("the mp4 member is missing")
             clip = decode_mp4(sample["mp4"], num_frames=self.frames, start=start, size=self.size)
             if len(clip) < self.frames:
                 raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + self.frames}")
-        except TooManyBadSamples:
+        except NoText as err:
+            self.counter.no_text += 1
+            self.counter.no_text_example = self.counter.no_text_example or f"{url}:{printable(key)} ({err})"
+            return None
+        except PandoraError:
             raise
-        except (KeyError, ValueError, TypeError, AttributeError) as err:
-            self.counter.skip(where, f"{type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - a sample's bytes are untrusted: whatever they break is a corrupt sample
+            self.counter.skip(url, key, f"{type(err).__name__}: {err}")
             return None
         window = np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
-        return {"frames": torch.from_numpy(window), "text": text, "domain": meta.get("domain", ""), "key": sample["__key__"]}
+        return {"frames": torch.from_numpy(window), "text": text, "domain": meta.get("domain", ""), "key": key}
 
 
 def collate(examples: list[dict]) -> dict:
@@ -129,33 +182,87 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def read_shards(urls: Iterable[str], handler) -> Iterator[dict]:
+def read_shards(urls: Iterable[str], allow_commands: bool = False) -> Iterator[dict]:
     """Raw samples ({"__key__", "__url__", "mp4", "json", ...}) of the shards in order; nothing decoded.
-
-    Opens local files and anything webdataset's gopen opens (http, pipe:, ...); a shard that
-    cannot be read is reported to `handler` and the stream goes on with the next one.
-    """
-    return wds.tarfile_to_samples(handler=handler)({"url": url} for url in urls)
+    A damaged part of a shard comes as a sample with "__error__" (see `tar.read_shard`)."""
+    return tar.read_shards(urls, allow_commands)
 
 
-def iterate_split(manifest: Manifest, split: str, per_domain: int | None = None):
-    """A split's raw samples in manifest order, at most `per_domain` of each domain:
-    (key, frames (T, H, W, 3) uint8, meta). Samples past a domain's limit are not decoded."""
+def iterate_split(
+    manifest: Manifest, split: str, per_domain: int | None = None, skipped: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """A split's samples in manifest order, at most `per_domain` of each domain: (key, frames
+    (T, H, W, 3) uint8, meta). Samples past a domain's limit are not decoded. A corrupt sample is
+    skipped, logged and appended to `skipped` as ("shard:key", reason)."""
     seen: Counter[str] = Counter()
     for shard_set in manifest.sets_for(split):
-        for sample in wds.WebDataset(manifest.urls(shard_set), shardshuffle=False, empty_check=False):
-            meta = json.loads(sample["json"])
-            seen[meta.get("domain", "")] += 1
-            if per_domain is None or seen[meta.get("domain", "")] <= per_domain:
-                yield sample["__key__"], decode_mp4(sample["mp4"]), meta
+        for sample in read_shards(manifest.urls(shard_set), manifest.allow_commands):
+            where = f"{sample['__url__']}:{printable(sample['__key__'])}"
+            try:
+                if "__error__" in sample:
+                    raise ValueError(sample["__error__"])
+                meta = parse_meta(sample.get("json"))
+                domain = meta.get("domain", "")
+                if per_domain is not None and seen[domain] >= per_domain:
+                    continue
+                frames = decode_mp4(sample["mp4"])
+            except Exception as err:  # noqa: BLE001 - untrusted bytes: anything they break is a corrupt sample
+                reason = f"{type(err).__name__}: {err}"
+                log.warning("skipping corrupt sample %s: %s", where, reason)
+                if skipped is not None:
+                    skipped.append((where, reason))
+                continue
+            seen[domain] += 1
+            yield sample["__key__"], frames, meta
 
 
 def split_texts(manifest: Manifest, split: str) -> list[str]:
-    """Every caption and action text of a split, read from the samples' JSON (no video decoded)."""
+    """Every caption and action text of a split, read from the samples' JSON (no video decoded);
+    samples whose JSON cannot be used are left out (training skips and counts them)."""
     texts: list[str] = []
     for shard_set in manifest.sets_for(split):
-        for sample in read_shards(manifest.urls(shard_set), wds.reraise_exception):
-            meta = json.loads(sample["json"])
+        for sample in read_shards(manifest.urls(shard_set), manifest.allow_commands):
+            try:
+                meta = parse_meta(sample.get("json")) if "__error__" not in sample else {}
+            except ValueError:
+                continue
             texts += [meta["caption"]] if meta.get("caption") else []
-            texts += [a["text"] for a in meta.get("actions", []) if a.get("text")]
+            texts += [a["text"] for a in meta.get("actions", [])]
     return texts
+
+
+def check_text_kind(manifest: Manifest, split: str, kind: str, cond_frames: int, per_set: int = 32) -> None:
+    """Before training: the first `per_set` sound samples of each set of `split` must include some with
+    the text kind the stage trains on; a set with none stops with one line that says so (how many
+    clips, which text kind, the recipe key). A set with only some logs a warning."""
+    decoder = ExampleDecoder(kind, 1, cond_frames, BadSampleCounter())
+    for shard_set in manifest.sets_for(split):
+        checked = usable = 0
+        has_other = False
+        for sample in read_shards(manifest.urls(shard_set), manifest.allow_commands):
+            try:
+                meta = parse_meta(sample.get("json")) if "__error__" not in sample else None
+            except ValueError:
+                meta = None
+            if meta is None:
+                continue  # corrupt: counted by training, listed by `shards verify`
+            checked += 1
+            try:
+                decoder.window(meta, random.Random(0))
+                usable += 1
+            except NoText:
+                has_other = has_other or bool(meta.get("caption" if kind == "action" else "actions"))
+            if checked >= per_set:
+                break
+        name = f"set '{shard_set.split}/{shard_set.domain}' of {manifest.path}"
+        other = "caption" if kind == "action" else "action"
+        if checked and not usable:
+            hint = (f"they have {other} texts: set data.text_kind={other} to train on those, or " if has_other else "")
+            raise PandoraError(
+                f"none of the first {checked} clips of {name} has {'an' if kind == 'action' else 'a'} {kind} text, "
+                f"and this stage trains on {kind} texts (data.text_kind={kind}); {hint}give the clips {kind} texts "
+                f"(`shards build` index column '{'actions' if kind == 'action' else 'caption'}') or leave the set out"
+            )
+        if usable < checked:
+            log.warning("%s: %d of the first %d clips have no %s text (data.text_kind=%s); training skips them",
+                        name, checked - usable, checked, kind, kind)

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.data.dataset import check_bad_fraction
+from pandora_lightning.data.dataset import bad_limit_reached
 from pandora_lightning.data.manifest import Manifest
 from pandora_lightning.data.stream import SetSpec, ShardStream, StreamConfig
+from pandora_lightning.data.tar import printable
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -56,13 +57,24 @@ def gather_from_ranks(obj: Any) -> list[Any]:
 class ShardLoader:
     """Endless mixed shard stream -> epochs of `len(self)` batches per rank, resumable at any batch."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, epoch_samples: int):
+    def __init__(self, stream: ShardStream, num_workers: int, epoch_samples: int, max_bad_fraction: float = 0.05,
+                 min_bad_samples: int = 4):
         self.stream, self.num_workers, self.epoch_samples = stream, num_workers, epoch_samples
+        self.max_bad_fraction, self.min_bad_samples = max_bad_fraction, min_bad_samples
         self.batch_size = stream.cfg.batch_size
         self.position = 0  # batches delivered since training started, all epochs
         self.draws: dict[int, int] = {}  # logical worker -> raw draws taken this epoch
-        self.seen = self.bad = 0  # samples decoded / skipped as corrupt on this rank
+        self.seen = 0  # samples read on this rank (a sample read again in a later pass counts again)
+        self.no_text = 0  # sound samples skipped on this rank for lack of the stage's text
+        # Corrupt samples of the whole run, "shard:key" -> reason, each once however often it is read
+        # (`DataMonitor` merges the ranks' new ones, so under DDP every rank holds the same set).
+        self.bad_samples: dict[str, str] = {}
+        self.new_bad: list[tuple[str, str]] = []  # found on this rank since the last merge
         self.last_wait_s = 0.0  # how long the last batch kept training waiting
+
+    @property
+    def bad(self) -> int:
+        return len(self.bad_samples)
 
     def __len__(self) -> int:
         _, world = dist_info()
@@ -102,7 +114,10 @@ class ShardLoader:
         batches = iter(loader)
         for _ in range(index, length):
             started = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except PandoraError as err:  # from a worker: torch wraps it with the worker's traceback
+                raise PandoraError(worker_message(err)) from None
             self.last_wait_s = time.perf_counter() - started
             self._account(batch.pop("_stream"))
             self.position += 1
@@ -111,12 +126,33 @@ class ShardLoader:
     def _account(self, info: dict) -> None:
         self.draws[info["worker"]] = info["draws"]
         self.seen += info["seen"]
-        self.bad += info["bad"]
-        for where, reason in info["reports"]:
-            log.warning("skipping corrupt sample %s: %s (%d bad of %d so far)", where, reason, self.bad, self.seen)
-        if info["reports"]:
-            where, reason = info["reports"][-1]
-            check_bad_fraction(self.bad, self.seen, self.stream.cfg.max_bad_fraction, f"{where}: {reason}")
+        if info["no_text"] and not self.no_text:
+            kind = self.stream.cfg.text_kind
+            log.warning("skipping samples without a %s text, which this stage trains on (data.text_kind=%s); e.g. %s; "
+                        "data/no_text_samples counts them", kind, kind, info["no_text_example"])
+        self.no_text += info["no_text"]
+        for url, key, reason in info["reports"]:
+            self.add_bad(f"{url}:{printable(key)}", reason)
+
+    def add_bad(self, where: str, reason: str, log_it: bool = True) -> None:
+        """Count a corrupt sample once per run (by "shard:key")."""
+        if where in self.bad_samples:
+            return
+        self.bad_samples[where] = reason
+        self.new_bad.append((where, reason))
+        if log_it:
+            log.warning("skipping corrupt sample %s: %s (%d corrupt so far)", where, reason, self.bad)
+
+    def stop_reason(self, seen: int | None = None) -> str | None:
+        """Why the run must stop for corrupt data (see DataConfig.max_bad_fraction), or None.
+        `seen`: samples read by the whole job (default: this rank's)."""
+        read = min(self.seen if seen is None else seen, self.epoch_samples)
+        if not bad_limit_reached(self.bad, read, self.max_bad_fraction, self.min_bad_samples):
+            return None
+        where, reason = next(reversed(self.bad_samples.items()))
+        return (f"{self.bad} corrupt samples among {read} read ({self.bad / max(1, read):.1%}; the limit is "
+                f"data.max_bad_fraction={self.max_bad_fraction:g}, once at least data.min_bad_samples="
+                f"{self.min_bad_samples}); last: {where}: {reason}")
 
     def _geometry(self) -> dict:
         _, world = dist_info()
@@ -124,17 +160,19 @@ class ShardLoader:
                 "epoch_batches": len(self)}
 
     def state_dict(self) -> dict:
-        mine = {"draws": dict(self.draws), "seen": self.seen, "bad": self.bad}
-        return {"version": STATE_VERSION, "position": self.position, **self._geometry(), "ranks": gather_from_ranks(mine)}
+        mine = {"draws": dict(self.draws), "seen": self.seen, "no_text": self.no_text}
+        return {"version": STATE_VERSION, "position": self.position, **self._geometry(), "ranks": gather_from_ranks(mine),
+                "bad_samples": dict(self.bad_samples)}
 
     def load_state_dict(self, state: dict) -> None:
         rank, _ = dist_info()
+        self.bad_samples, self.new_bad = dict(state.get("bad_samples", {})), []  # counted once per run, resumes included
         saved = {k: state.get(k) for k in self._geometry()}
         if state.get("version") == STATE_VERSION and saved == self._geometry():
             self.position = state["position"]
             mine = state["ranks"][rank]
             self.draws = {int(k): int(v) for k, v in mine["draws"].items()}
-            self.seen, self.bad = mine["seen"], mine["bad"]
+            self.seen, self.no_text = mine["seen"], mine.get("no_text", 0)
             return
         # Another geometry reads other slots: the epoch cannot continue exactly; start the next one.
         epochs_done = -(-state["position"] // state["epoch_batches"])
@@ -159,7 +197,19 @@ def training_loader(
         batch_size=data.batch_size,
         shuffle_buffer=data.shuffle_buffer,
         seed=seed,
-        max_bad_fraction=data.max_bad_fraction,
+        allow_commands=manifest.allow_commands,
     )
     epoch_samples = data.epoch_samples or sum(s.samples for s in sets)
-    return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples)
+    return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples, data.max_bad_fraction, data.min_bad_samples)
+
+
+def worker_message(err: Exception) -> str:
+    """The project's one-line message inside an error a DataLoader worker raised (torch re-raises it
+    with the worker's whole traceback in the text)."""
+    text = str(err)
+    if "\n" not in text:
+        return text
+    for line in reversed(text.splitlines()):
+        if "Error: " in line and line.split(":", 1)[0].rsplit(".", 1)[-1].endswith("Error"):
+            return line.split(": ", 1)[1]
+    return text.splitlines()[-1] if text else type(err).__name__

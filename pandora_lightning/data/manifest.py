@@ -8,7 +8,10 @@
       - {split: train, domain: web, shards: ["pipe:curl -s https://host/web-{0000..0999}.tar"], weight: 0.2, samples: 90000}
 
 A shard pattern is a file name, a glob or a brace pattern under `root`, or a URL that webdataset
-opens itself (`http://`, `https://`, `pipe:...`, ...). The training stream draws the sets of one
+opens itself (`http://`, `https://`, `pipe:...`, ...). A URL or `pipe:` entry RUNS A COMMAND
+(`pipe:` a shell command, a URL curl or a cloud tool), so a manifest that has one is refused unless
+the user opts in: `data.allow_commands: true` in the recipe, `--allow-commands` on the command line
+(`load_manifest(..., allow_commands=True)`). The training stream draws the sets of one
 split in proportion to their weights, so the weights of a split must sum to 1; `samples` (the
 number of samples in the set) sets the epoch length. `load_manifest` checks all of that, and that
 every local shard exists, and stops with one clear error otherwise.
@@ -25,6 +28,7 @@ from braceexpand import braceexpand
 from omegaconf import OmegaConf
 
 from pandora_lightning.config import load_structured
+from pandora_lightning.data.tar import check_sources, is_command
 from pandora_lightning.errors import PandoraError
 
 WEIGHT_TOLERANCE = 1e-3
@@ -55,12 +59,18 @@ def is_url(pattern: str) -> bool:
     return "://" in pattern or pattern.startswith("pipe:")
 
 
+def command_patterns(manifest: Manifest) -> list[tuple[ShardSet, str]]:
+    """(set, pattern) of every entry that runs a command to be read."""
+    return [(s, p) for s in manifest.sets for p in s.shards if is_command(p)]
+
+
 @dataclass
 class Manifest:
     name: str = "unnamed"
     root: str = "."
     sets: list[ShardSet] = field(default_factory=list)
     path: ClassVar[str] = ""  # where it was read from; set by load_manifest
+    allow_commands: ClassVar[bool] = False  # the user's opt-in to pipe:/URL sources; set by load_manifest
 
     def splits(self) -> list[str]:
         return sorted({s.split for s in self.sets})
@@ -120,13 +130,19 @@ class Manifest:
             self.urls(shard_set)
 
 
-def load_manifest(path: str | Path | None, check_shards: bool = True) -> Manifest:
-    """Read and validate a manifest; `check_shards=False` skips looking for the shard files."""
+def load_manifest(path: str | Path | None, check_shards: bool = True, allow_commands: bool = False) -> Manifest:
+    """Read and validate a manifest; `check_shards=False` skips looking for the shard files.
+    Entries that run commands (`pipe:`, URLs) are refused unless `allow_commands`."""
     if path is None:
         raise PandoraError("no data manifest given: set data.manifest (e.g. data_manifests/world.yaml, which "
                            "`pandora-lightning shards world` writes) or --manifest")
     manifest = load_structured(Manifest, [path], f"manifest {path}")
     manifest.path = str(path)
+    manifest.allow_commands = bool(allow_commands)
+    commands = command_patterns(manifest)
+    if commands and not allow_commands:
+        shard_set, pattern = commands[0]
+        check_sources([pattern], False, f"manifest {path}: set '{shard_set.split}/{shard_set.domain}'")
     if not manifest.sets:
         raise PandoraError(f"manifest {path}: it lists no shard sets under 'sets'")
     manifest.check(check_shards)

@@ -39,6 +39,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, collate, read_shards
+from pandora_lightning.data.tar import printable
+from pandora_lightning.errors import PandoraError
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class StreamConfig:
     batch_size: int
     shuffle_buffer: int
     seed: int
-    max_bad_fraction: float
+    allow_commands: bool = False  # the user's opt-in to pipe:/URL shard sources (data.allow_commands)
 
 
 def seeded(*parts) -> random.Random:
@@ -94,7 +96,12 @@ def set_draws(weights: list[float], block: int, seed: int, epoch: int, slot: int
                 r -= count
 
 
-def set_passes(cfg: StreamConfig, index: int, epoch: int, slot: int, n_slots: int, handler) -> Iterator[dict]:
+# A reader that draws this many unusable samples in a row (corrupt, or without the stage's text) stops
+# the run: no batch can be made, so the limit on corrupt samples would never be checked.
+UNUSABLE_STREAK = 256
+
+
+def set_passes(cfg: StreamConfig, index: int, epoch: int, slot: int, n_slots: int) -> Iterator[dict]:
     """Raw samples of one set for one slot, pass after pass (endless), each pass shuffled."""
     spec = cfg.sets[index]
     buffer = max(1, cfg.shuffle_buffer // len(cfg.sets))
@@ -102,9 +109,9 @@ def set_passes(cfg: StreamConfig, index: int, epoch: int, slot: int, n_slots: in
         order = list(spec.urls)
         seeded("shards", cfg.seed, epoch, index, p).shuffle(order)
         if len(order) >= n_slots:
-            samples = read_shards(order[slot::n_slots], handler)
-        else:
-            samples = (s for i, s in enumerate(read_shards(order, handler)) if i % n_slots == slot)
+            samples = read_shards(order[slot::n_slots], cfg.allow_commands)
+        else:  # every slot reads the whole set; a damaged region (an item of its own) goes to one slot
+            samples = (s for i, s in enumerate(read_shards(order, cfg.allow_commands)) if i % n_slots == slot)
         if buffer > 1:
             rng = seeded("shuffle", cfg.seed, epoch, index, p, slot)
             samples = wds.shuffle(buffer, initial=buffer, rng=rng)(iter(samples))
@@ -113,15 +120,15 @@ def set_passes(cfg: StreamConfig, index: int, epoch: int, slot: int, n_slots: in
             got += 1
             yield sample
         if got == 0:
-            raise RuntimeError(
+            raise PandoraError(
                 f"shard set '{spec.name}' gave reader {slot} of {n_slots} no sample in a whole pass over "
                 f"{len(order)} shard(s): are they empty or unreadable? Check them with `pandora-lightning shards verify`."
             )
 
 
-def raw_stream(cfg: StreamConfig, epoch: int, slot: int, n_slots: int, block: int, handler) -> Iterator[dict]:
+def raw_stream(cfg: StreamConfig, epoch: int, slot: int, n_slots: int, block: int) -> Iterator[dict]:
     """One slot's mixed raw samples for one epoch (endless)."""
-    passes = [set_passes(cfg, i, epoch, slot, n_slots, handler) for i in range(len(cfg.sets))]
+    passes = [set_passes(cfg, i, epoch, slot, n_slots) for i in range(len(cfg.sets))]
     weights = [s.weight for s in cfg.sets]
     return (next(passes[i]) for i in set_draws(weights, block, cfg.seed, epoch, slot))
 
@@ -155,28 +162,41 @@ class ShardStream(IterableDataset):
 
     def _batches(self, worker: int, slot: int, n_slots: int, block: int, skip: int):
         cfg = self.cfg
-        counter = BadSampleCounter(cfg.max_bad_fraction, quiet=True)
-        replaying = [skip > 0]
-        handler = lambda exn: True if replaying[0] else counter.tar_handler(exn)  # noqa: E731
+        counter = BadSampleCounter()
         decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size)
         reported = (0, 0)
-        examples = []
-        for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block, handler)):
+        examples, streak = [], 0
+        for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block)):
             if draw < skip:  # consumed before the checkpoint: not decoded (nor counted) again
-                replaying[0] = draw + 1 < skip
                 continue
             example = decoder(raw, seeded("window", cfg.seed, self.epoch, slot, draw))
             if example is None:
+                streak += 1
+                if streak >= UNUSABLE_STREAK:
+                    raise PandoraError(unusable_message(cfg, counter, streak))
                 continue
             examples.append(example)
+            streak = 0
             if len(examples) == cfg.batch_size:
                 batch = collate(examples)
                 batch["_stream"] = {
                     "worker": worker,
                     "draws": draw + 1,
                     "seen": counter.seen - reported[0],
-                    "bad": counter.bad - reported[1],
+                    "no_text": counter.no_text - reported[1],
+                    "no_text_example": counter.no_text_example,
                     "reports": counter.reports,
                 }
-                reported, counter.reports, examples = (counter.seen, counter.bad), [], []
+                reported, counter.reports, examples = (counter.seen, counter.no_text), [], []
                 yield batch
+
+
+def unusable_message(cfg: StreamConfig, counter: BadSampleCounter, streak: int) -> str:
+    """Why a reader gave up: the last `streak` samples it drew could not be used."""
+    if counter.no_text and not counter.reports:
+        return (f"the last {streak} samples drawn have no {cfg.text_kind} text, which this stage trains on "
+                f"(data.text_kind={cfg.text_kind}); e.g. {counter.no_text_example}")
+    url, key, reason = counter.reports[-1] if counter.reports else ("?", "?", "?")
+    return (f"the last {streak} samples drawn could not be used ({len(counter.reports)} corrupt, {counter.no_text} "
+            f"without a {cfg.text_kind} text); last: {url}:{printable(key)}: {reason}. "
+            f"Check the shards with `pandora-lightning shards verify`")

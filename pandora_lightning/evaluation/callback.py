@@ -20,15 +20,16 @@ from pandora_lightning.evaluation.suite import EpisodeMetrics, MetricSuite, load
 
 
 class ScoreCallback(L.Callback):
-    def __init__(self, cfg: EvalConfig, manifest: str, plugins: Sequence[EpisodeMetrics] = ()):
+    def __init__(self, cfg: EvalConfig, manifest: str, plugins: Sequence[EpisodeMetrics] = (), allow_commands: bool = False):
         self.cfg, self.manifest, self.plugins = cfg, cfg.manifest or manifest, list(plugins)
+        self.allow_commands = allow_commands  # the recipe's data.allow_commands
         self.all_episodes: list = []  # what the metrics are laid out for (domains), the same on every rank
         self.episodes: list = []  # this rank's share
         self.weights = None
         self.last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        manifest = load_manifest(self.manifest)
+        manifest = load_manifest(self.manifest, allow_commands=self.allow_commands)
         image_size = pl_module.model.cfg.generator.image_size
         episodes = load_episodes(manifest, self.cfg.split, self.cfg.per_domain, image_size)
         self.all_episodes, self.episodes = episodes, episodes[trainer.global_rank :: trainer.world_size]

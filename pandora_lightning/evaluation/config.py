@@ -41,6 +41,7 @@ class ScoreConfig:
     clip_model: str | None = None  # local CLIPModel + tokenizer directory; clip_score is skipped without it
     save_videos: bool = False  # an mp4 per rollout and contact sheets beside the scores
     num_inference_steps: int | None = None  # sampler steps per round; null = the checkpoint's recipe
+    allow_commands: bool = False  # read pipe:/URL shard sources of the manifest: they RUN COMMANDS
 
     def __post_init__(self):
         if self.per_domain < 0 or self.batch_size < 1 or self.fvd_feature_dim < 1 or (self.num_inference_steps or 1) < 1:

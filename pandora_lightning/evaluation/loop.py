@@ -12,6 +12,7 @@ import torch
 from pandora_lightning.data.dataset import iterate_split
 from pandora_lightning.data.frames import from_numpy, to_numpy
 from pandora_lightning.data.manifest import Manifest
+from pandora_lightning.data.tar import printable, safe_key
 from pandora_lightning.data.video import contact_sheet, save_png, write_mp4
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.evaluation.suite import Episode, MetricSuite
@@ -36,11 +37,23 @@ class RolloutBatch:
     rounds: int
 
 
-def load_episodes(manifest: Manifest, split: str, per_domain: int | None, image_size: int) -> list[Episode]:
-    """Up to `per_domain` episodes of each domain of `split`, checked against the model's frame size."""
-    episodes = list(iterate_split(manifest, split, per_domain=per_domain or None))
+def load_episodes(
+    manifest: Manifest, split: str, per_domain: int | None, image_size: int, skipped: list | None = None
+) -> list[Episode]:
+    """Up to `per_domain` episodes of each domain of `split`, checked against the model's frame size;
+    corrupt samples are skipped and appended to `skipped` as ("shard:key", reason)."""
+    skipped = [] if skipped is None else skipped
+    episodes = list(iterate_split(manifest, split, per_domain=per_domain or None, skipped=skipped))
     if not episodes:
-        raise PandoraError(f"manifest {manifest.path}: split '{split}' has no samples to score")
+        corrupt = f" ({len(skipped)} corrupt: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise PandoraError(f"manifest {manifest.path}: split '{split}' has no samples to score{corrupt}")
+    silent = [key for key, _, meta in episodes if not meta.get("actions")]
+    if silent:
+        raise PandoraError(
+            f"manifest {manifest.path}: {len(silent)} of the {len(episodes)} '{split}' samples read have no action texts "
+            f"(e.g. {printable(silent[0])}); scoring rolls each episode out one action per round, so its clips need "
+            f"actions (the `actions` column of `shards build`), or score another split (--split)"
+        )
     key, frames, _ = episodes[0]
     if frames.shape[1:3] != (image_size, image_size):
         raise PandoraError(
@@ -83,9 +96,9 @@ def write_media(batch: RolloutBatch, out_dir: Path, name: str, fps: int = 8) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     videos = to_numpy(batch.videos)
     for key, video, ep in zip(batch.keys, videos, batch.episodes):
-        write_mp4(out_dir / f"{key}.mp4", video, fps=ep.get("fps", fps), scale=4)
+        write_mp4(out_dir / f"{safe_key(key)}.mp4", video, fps=ep.get("fps", fps), scale=4)  # keys come from shards
     rows = [r for truth, video in zip(batch.truth, videos) for r in (truth[: len(video)], video)]
-    save_png(out_dir / f"{name}-sheet-{batch.index:03d}.png", contact_sheet(rows, scale=3))
+    save_png(out_dir / f"{safe_key(name)}-sheet-{batch.index:03d}.png", contact_sheet(rows, scale=3))
 
 
 def run_episodes(

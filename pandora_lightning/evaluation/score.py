@@ -69,15 +69,20 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     `plugins`: the domains' own metrics (e.g. `pandora_lightning.world.metrics.WORLD_METRICS`).
     """
     started = time.time()
+    if cfg.manifest:  # the cheap checks first, before the model loads
+        manifest = load_manifest(cfg.manifest, allow_commands=cfg.allow_commands)
+        splits = held_out_splits(manifest, list(cfg.splits))
     module = load_stage(cfg.checkpoint)
     model = module.model
     if cfg.num_inference_steps:
         model.generator.cfg.num_inference_steps = cfg.num_inference_steps
     manifest_path = cfg.manifest or module.recipe.data.manifest
-    manifest = load_manifest(manifest_path)
-    splits = held_out_splits(manifest, list(cfg.splits))
+    if not cfg.manifest:
+        manifest = load_manifest(manifest_path, allow_commands=cfg.allow_commands)
+        splits = held_out_splits(manifest, list(cfg.splits))
     image_size = model.cfg.generator.image_size
-    episodes = {split: load_episodes(manifest, split, cfg.per_domain, image_size) for split in splits}
+    corrupt: list[tuple[str, str]] = []
+    episodes = {split: load_episodes(manifest, split, cfg.per_domain, image_size, corrupt) for split in splits}
     weights = load_weights(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +102,7 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
         "per_domain": cfg.per_domain,
         "splits": results,
         "skipped": skipped,
+        "corrupt_samples_skipped": [{"sample": where, "reason": why} for where, why in corrupt],
         "wall_seconds": round(time.time() - started, 1),
     }
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -106,4 +112,6 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
 
 def print_scores(scores: dict) -> None:
     print(markdown(scores).split("\n## Metrics")[0])
+    if scores.get("corrupt_samples_skipped"):
+        print(f"skipped {len(scores['corrupt_samples_skipped'])} corrupt held-out samples (listed in scores.json)")
     print(f"wrote scores.json, scores.md, domains.png and rounds.png to {scores['out_dir']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -18,9 +19,18 @@ class DataMonitor(L.Callback):
     - `data/wait_frac`: the share of the wall time (from one step's end to the next) that training
       spent waiting in the loader for its batch, since the run's first step (the first batch, which
       also starts the workers, is not counted; later epochs' worker start-ups are);
-    - `data/seen_samples`, `data/bad_samples`: samples decoded and corrupt samples skipped so far,
-      summed over all ranks (the workers report them in their batches; `ShardLoader` adds them up).
+    - `data/seen_samples`: samples read, summed over all ranks; `data/bad_samples`: corrupt samples,
+      each counted once per run (by shard and key) across ranks, epochs and resumes;
+      `data/no_text_samples`: sound samples skipped for lack of the stage's text kind.
+
+    When the corrupt samples pass the limit (`data.max_bad_fraction`, `data.min_bad_samples`) it
+    writes `last.ckpt` in the checkpoint folder and stops training; `stop_reason` then says why.
+    Every rank takes the same decision from the same merged numbers, so DDP stops together.
     """
+
+    def __init__(self):
+        self.stop_reason: str | None = None
+        self.stop_checkpoint: Path | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         loader = trainer.train_dataloader
@@ -30,20 +40,33 @@ class DataMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if getattr(self, "loader", None) is None:
+        loader = getattr(self, "loader", None)
+        if loader is None:
             return
         if self.last_end is not None:
-            self.wait_s += self.loader.last_wait_s
+            self.wait_s += loader.last_wait_s
             self.total_s += now - self.last_end
         self.last_end = now
-        values = torch.tensor([self.wait_s, self.total_s, self.loader.seen, self.loader.bad], dtype=torch.float64)
+        values = torch.tensor([self.wait_s, self.total_s, loader.seen, loader.no_text, len(loader.new_bad)],
+                              dtype=torch.float64)
         if trainer.world_size > 1:  # one small reduction a step; every rank logs the same numbers
             values = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="sum").cpu()
-        wait, total, seen, bad = values.tolist()
-        metrics = {"data/seen_samples": seen, "data/bad_samples": bad}
+        wait, total, seen, no_text, new_bad = values.tolist()
+        if new_bad and trainer.world_size > 1:  # only when some rank found a new corrupt sample
+            for where, reason in (item for rank in gather_from_ranks(loader.new_bad) for item in rank):
+                loader.add_bad(where, reason, log_it=False)
+        loader.new_bad = []
+        metrics = {"data/seen_samples": seen, "data/bad_samples": float(loader.bad), "data/no_text_samples": no_text}
         if total > 0:
             metrics["data/wait_frac"] = wait / total
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        reason = loader.stop_reason(int(seen))
+        if reason is not None and self.stop_reason is None:
+            self.stop_reason = f"stopped at step {trainer.global_step}: {reason}"
+            folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+            self.stop_checkpoint = folder / "last.ckpt"
+            trainer.save_checkpoint(self.stop_checkpoint)
+            trainer.should_stop = True
 
 
 class RandomState(L.Callback):

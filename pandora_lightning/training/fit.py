@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
+from pandora_lightning.data.dataset import check_text_kind
 from pandora_lightning.data.loader import ShardLoader, training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.errors import PandoraError
@@ -25,7 +26,8 @@ from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_voca
 def train_loader(recipe: TrainingRecipe, text_kind: str) -> ShardLoader:
     """Split, mixed, resumable shard batches (see pandora_lightning/data/loader.py and stream.py)."""
     gen = recipe.model.generator
-    manifest = load_manifest(recipe.data.manifest)
+    manifest = load_manifest(recipe.data.manifest, allow_commands=recipe.data.allow_commands)
+    check_text_kind(manifest, recipe.data.split, text_kind, gen.cond_frames)
     return training_loader(manifest, recipe.data, text_kind, gen.frames, gen.cond_frames, gen.image_size, recipe.seed)
 
 
@@ -71,6 +73,7 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
         recipe = with_base_model(recipe)
     run_dir = Path(recipe.run_dir)
     stage_cls = STAGES[recipe.stage]
+    loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)  # data checks before the model loads
     texts = training_texts(recipe) if needs_vocabulary(recipe) else []
     vocabulary = resolve_vocabulary(recipe, texts)
     module: WorldModelStage = stage_cls.from_recipe(recipe, vocabulary)
@@ -78,7 +81,6 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
         init_adapt_from(module, recipe.init_from)
     elif recipe.init_from:
         init_from(module, recipe.init_from)
-    loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
     trainer = build_trainer(recipe, run_dir, callbacks)
     if texts and trainer.is_global_zero:
         warn_unknown_words(vocabulary, texts)
@@ -87,6 +89,13 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
         OmegaConf.save(OmegaConf.structured(recipe), run_dir / "recipe.yaml")
         (run_dir / "trainable.txt").write_text("\n".join(module.trainable_names) + "\n")
     trainer.fit(module, loader, ckpt_path=recipe.trainer.resume_from)
+    monitor = next(c for c in trainer.callbacks if isinstance(c, DataMonitor))
+    if monitor.stop_reason:
+        raise PandoraError(
+            f"{monitor.stop_reason}. Wrote {monitor.stop_checkpoint}; list the corrupt samples with "
+            f"`pandora-lightning shards verify {recipe.data.manifest}`, fix or drop them (or raise the limit), then "
+            f"resume with trainer.resume_from=last"
+        )
     final = run_dir / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(final)
     return final

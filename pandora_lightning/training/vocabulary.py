@@ -71,7 +71,7 @@ def resolve_vocabulary(recipe: TrainingRecipe, texts: list[str] | None = None, f
 
 
 def training_texts(recipe: TrainingRecipe) -> list[str]:
-    return split_texts(load_manifest(recipe.data.manifest), recipe.data.split)
+    return split_texts(load_manifest(recipe.data.manifest, allow_commands=recipe.data.allow_commands), recipe.data.split)
 
 
 def unknown_words(vocabulary: list[str], texts: list[str]) -> Counter[str]:

@@ -14,6 +14,7 @@ import numpy as np
 import webdataset as wds
 
 from pandora_lightning.data.manifest import Manifest, load_manifest, write_manifest
+from pandora_lightning.data.tar import sample_hash
 from pandora_lightning.data.video import encode_mp4
 from pandora_lightning.training.vocabulary import write_vocabulary_file
 from pandora_lightning.world.domains import DOMAINS, TRANSFER_DOMAIN
@@ -70,6 +71,7 @@ def _write_split_domain(
     rng = np.random.default_rng([seed, SPLITS.index(split), list(DOMAINS).index(domain)])
     allowed = split_actions(domain, split)
     shards: list[str] = []
+    index: list[dict] = []
     writer = None
     try:
         for i in range(count):
@@ -81,17 +83,18 @@ def _write_split_domain(
                 # member, which doubles tar parsing) and byte-identical shards for the same seed.
                 writer = wds.TarWriter(str(out_dir / shards[-1]), mtime=0)
             ep = sample_episode(cfg, domain, rng, allowed, split=split)
-            writer.write(
-                {
-                    "__key__": f"{split}-{domain}-{i:06d}",
-                    "mp4": encode_mp4(ep.frames, cfg.fps),
-                    "json": json.dumps(episode_metadata(ep, cfg, split)).encode("utf-8"),
-                }
-            )
+            sample = {
+                "__key__": f"{split}-{domain}-{i:06d}",
+                "mp4": encode_mp4(ep.frames, cfg.fps),
+                "json": json.dumps(episode_metadata(ep, cfg, split)).encode("utf-8"),
+            }
+            writer.write(sample)
+            index.append({"key": sample["__key__"], "shard": shards[-1], "split": split, "domain": domain,
+                          "hash": sample_hash(sample)})
     finally:
         if writer is not None:
             writer.close()
-    return {"split": split, "domain": domain, "shards": shards, "samples": count}
+    return {"split": split, "domain": domain, "shards": shards, "samples": count, "index": index}
 
 
 def write_world_shards(
@@ -121,6 +124,9 @@ def write_world_shards(
         for domain in _split_domains(cfg, split):
             n = counts[split]
             records.append(_write_split_domain(out, cfg, split, domain, n, samples_per_shard, seed))
+    # Which shard holds which key, with a content hash: `shards verify` finds lost and altered samples by it.
+    lines = [line for record in records for line in record.pop("index")]
+    (out / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return records
 
 

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.data.manifest import write_manifest
+from pandora_lightning.data.tar import sample_hash
 from pandora_lightning.data.video import encode_mp4, frame_to_rgb
 
 COLUMNS = ("video", "caption", "actions", "domain", "split", "start", "end", "key", "action", "action_start", "action_end")
@@ -266,7 +267,8 @@ class _ShardWriter:
             self.writer.write(clip)
             meta = json.loads(clip["json"])
             self.lines.append({"key": clip["__key__"], "shard": self.name, "split": self.split, "domain": self.domain,
-                               "video": row["video"], "row": row["row"], "clip_start": meta["clip_start"]})
+                               "video": row["video"], "row": row["row"], "clip_start": meta["clip_start"],
+                               "hash": sample_hash(clip)})
         self.size += row_bytes
 
     def close(self) -> None:

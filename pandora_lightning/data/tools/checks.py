@@ -1,86 +1,69 @@
-"""`pandora-lightning shards inspect` and `shards verify`: what a shard set holds, and whether all of it decodes.
+"""`pandora-lightning shards inspect`: what a shard set holds (`shards verify` is in verify.py).
 
 Both take a manifest (`.yaml`), a folder of shards (every `*.tar` in it) or shard files/patterns.
 `inspect` reads only the JSON of each sample (no video decoding) for counts, durations, domains and
 text statistics, then decodes a few random samples into a contact sheet (one row per sample).
-`verify` decodes every sample, checks its JSON and frames, and lists each corrupt one with its
-shard and key; shards are verified in parallel worker processes.
 """
 from __future__ import annotations
 
 import glob
 import json
-import multiprocessing
 import random
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.data.dataset import read_shards
+from pandora_lightning.data.dataset import parse_meta, read_shards
 from pandora_lightning.data.manifest import load_manifest
+from pandora_lightning.data.tar import check_sources, is_command, printable
 from pandora_lightning.data.video import contact_sheet, decode_mp4, save_png
 
 
-def resolve_shards(sources: list[str], split: str | None = None) -> list[tuple[str, str]]:
-    """(url, set name) of every shard named by manifests, folders or file patterns."""
+def resolve_shards(sources: list[str], split: str | None = None, allow_commands: bool = False, with_counts: bool = False):
+    """(url, set name) of every shard named by manifests, folders or file patterns; with `with_counts`,
+    also {set name: samples} from the manifests. Sources that run commands need `allow_commands`."""
     shards: list[tuple[str, str]] = []
+    counts: dict[str, int] = {}
     for source in sources:
         path = Path(source)
         if path.suffix in (".yaml", ".yml"):
-            manifest = load_manifest(path)
+            manifest = load_manifest(path, allow_commands=allow_commands)
             for shard_set in manifest.sets:
                 if split is None or shard_set.split == split:
-                    shards += [(u, f"{shard_set.split}/{shard_set.domain}") for u in manifest.urls(shard_set)]
+                    name = f"{shard_set.split}/{shard_set.domain}"
+                    shards += [(u, name) for u in manifest.urls(shard_set)]
+                    counts[name] = counts.get(name, 0) + shard_set.samples
         elif path.is_dir():
             shards += [(str(p), "") for p in sorted(path.glob("*.tar"))]
+        elif is_command(source):
+            check_sources([source], allow_commands, "shard source")
+            shards.append((source, ""))
         else:
-            matches = sorted(glob.glob(source)) or ([source] if "://" in source or source.startswith("pipe:") else [])
-            shards += [(m, "") for m in matches]
+            shards += [(m, "") for m in sorted(glob.glob(source))]
     if not shards:
         raise PandoraError(f"no shards found in {' '.join(sources)}")
-    return shards
-
-
-class _Errors:
-    """webdataset handler that records unreadable parts of the shard being read instead of raising."""
-
-    def __init__(self):
-        self.items: list[tuple[str, str, str]] = []
-        self.url = "?"
-
-    def __call__(self, exn: Exception) -> bool:
-        self.items.append((self.url, "(rest of shard)", f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
-        return True
-
-
-def _meta(sample: dict) -> dict:
-    meta = json.loads(sample["json"])
-    if not isinstance(meta, dict):
-        raise ValueError("the JSON is not an object")
-    return meta
+    return (shards, counts) if with_counts else shards
 
 
 def inspect_shards(sources: list[str], split: str | None = None, sheet: str | Path | None = None,
-                   sheet_samples: int = 8, sheet_frames: int = 8, seed: int = 0) -> dict:
+                   sheet_samples: int = 8, sheet_frames: int = 8, seed: int = 0, allow_commands: bool = False) -> dict:
     """Counts, durations, domains and text statistics per (split, domain); a contact sheet of random samples."""
     rng = random.Random(seed)
-    errors = _Errors()
     groups: dict[str, dict] = defaultdict(lambda: {"samples": 0, "seconds": 0.0, "actions": 0, "caption_words": 0,
                                                    "bytes": 0, "shards": set()})
     picked: list[dict] = []
     total = 0
     unreadable_json = []
-    for url, set_name in resolve_shards(sources, split):
-        errors.url = url
-        for sample in read_shards([url], errors):
+    for url, set_name in resolve_shards(sources, split, allow_commands):
+        for sample in read_shards([url], allow_commands):
             try:
-                meta = _meta(sample)
-            except (KeyError, ValueError) as err:
-                unreadable_json.append((url, sample.get("__key__", "?"), f"{type(err).__name__}: {err}"))
+                if "__error__" in sample:
+                    raise ValueError(sample["__error__"])
+                meta = parse_meta(sample.get("json"))
+            except ValueError as err:
+                unreadable_json.append((url, printable(sample["__key__"]), str(err)))
                 continue
             name = f"{meta.get('split', '?')}/{meta.get('domain', '?')}" if not set_name else set_name
             g = groups[name]
@@ -105,7 +88,7 @@ def inspect_shards(sources: list[str], split: str | None = None, sheet: str | Pa
         }
         for name, g in sorted(groups.items())
     }
-    report = {"samples": total, "sets": table, "unreadable": [*errors.items, *unreadable_json]}
+    report = {"samples": total, "sets": table, "unreadable": unreadable_json}
     if sheet and picked:
         report["sheet"], report["sheet_keys"] = str(sheet), _write_sheet(picked, Path(sheet), sheet_frames)
     return report
@@ -125,56 +108,6 @@ def _write_sheet(samples: list[dict], path: Path, frames: int) -> list[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(path, contact_sheet(rows, scale=max(1, 128 // max(size))))
     return keys
-
-
-def _check_sample(sample: dict, min_frames: int) -> str | None:
-    """Why the sample is corrupt, or None."""
-    try:
-        meta = _meta(sample)
-        if not isinstance(meta.get("caption", ""), str):
-            raise ValueError("caption is not text")
-        clip = decode_mp4(sample["mp4"])
-        count = meta.get("num_frames", len(clip))
-        if len(clip) != count:
-            raise ValueError(f"the clip has {len(clip)} frames, its JSON says {count}")
-        if len(clip) < min_frames:
-            raise ValueError(f"the clip has {len(clip)} frames, fewer than {min_frames}")
-        for a in meta.get("actions") or []:
-            if not isinstance(a.get("text"), str) or not 0 <= a["start"] < a["end"] <= len(clip):
-                raise ValueError(f"action {a} does not fit the clip's {len(clip)} frames")
-    except (KeyError, ValueError, TypeError, AttributeError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def _verify_shard(url: str, min_frames: int) -> tuple[str, int, list[tuple[str, str, str]]]:
-    errors = _Errors()
-    errors.url = url
-    samples, bad = 0, []
-    for sample in read_shards([url], errors):
-        samples += 1
-        reason = _check_sample(sample, min_frames)
-        if reason:
-            bad.append((url, sample.get("__key__", "?"), reason))
-    return url, samples, [*errors.items, *bad]
-
-
-def verify_shards(sources: list[str], split: str | None = None, min_frames: int = 1, workers: int = 1,
-                  progress: bool = True) -> dict:
-    """Decode every sample; {"shards", "samples", "corrupt": [(shard, key, why)]}."""
-    urls = [u for u, _ in resolve_shards(sources, split)]
-    check = partial(_verify_shard, min_frames=min_frames)
-    samples, corrupt = 0, []
-    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
-    try:
-        results = pool.imap(check, urls) if pool else map(check, urls)
-        for _, count, bad in tqdm(results, total=len(urls), unit="shard", desc="shards verify", disable=not progress):
-            samples += count
-            corrupt += bad
-    finally:
-        if pool is not None:
-            pool.terminate()
-    return {"shards": len(urls), "samples": samples, "corrupt": corrupt}
 
 
 def format_table(report: dict) -> str:
