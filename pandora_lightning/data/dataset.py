@@ -32,11 +32,7 @@ log = logging.getLogger(__name__)
 TEXT_KINDS = ("caption", "action")
 
 
-class TooManyBadSamples(PandoraError):
-    """More corrupt samples than `data.max_bad_fraction` allows."""
-
-
-class NoText(ValueError):
+class NoText(PandoraError):
     """A sound sample without the text the stage trains on (not corrupt: the data does not fit the stage)."""
 
 
