@@ -75,9 +75,23 @@ def _shards_build(args) -> None:
     print(f"{summary['clips_written']} clips from {summary['rows'] - summary['rows_already_done'] - summary['errors']} videos "
           f"in {summary['seconds']} s ({summary['clips_per_s']} clips/s); {summary['rows_already_done']} videos were already "
           f"in finished shards; {summary['samples']} samples in {summary['shards']} shards under {args.out}")
-    if summary["errors"]:
-        print(f"{summary['errors']} videos could not be used: see {Path(args.out) / 'errors.jsonl'}")
     print(f"index {Path(args.out) / 'index.jsonl'}; manifest {summary['manifest']}")
+    if summary["errors"]:
+        from pandora_lightning.data.tools.build import cause_counts
+
+        by_cause: dict[str, list[str]] = {}
+        for failed in summary["failed"]:
+            by_cause.setdefault(failed["cause"], []).append(failed["video"])
+        print(f"{summary['errors']} of the {summary['rows']} videos could not be used (details in "
+              f"{Path(args.out) / 'errors.jsonl'}):")
+        for cause, videos in by_cause.items():
+            print(f"  {cause} ({len(videos)}): {', '.join(videos[:20])}{' ...' if len(videos) > 20 else ''}")
+        if not args.allow_errors:
+            raise PandoraError(
+                f"shards build: {summary['errors']} of {summary['rows']} videos failed ({cause_counts(summary['failed'])}); "
+                f"the shards and manifest hold the others: fix the videos and run the same command again (finished "
+                f"rows are kept), or pass --allow-errors to accept the build as it is"
+            )
 
 
 def _shards_inspect(args) -> None:
@@ -193,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--domain", default="default", help="domain of rows that name none")
     b.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes cutting videos")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--allow-errors", action="store_true", help="exit 0 even when some videos could not be used")
     b.set_defaults(run=_shards_build)
 
     i = kinds.add_parser("inspect", help="counts, durations and domains of shards, and a contact sheet of random samples")

@@ -71,15 +71,50 @@ def _reformatter() -> VideoReformatter:
     return _LOCAL.reformatter
 
 
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns the stream's display matrix asks for (0-3).
+
+    Phones store a portrait clip as landscape frames plus a rotation in the container; PyAV's
+    decode does not apply it, so every decode of a user's video must.
+    """
+    try:
+        degrees = frame.rotation
+    except (AttributeError, ValueError):
+        return 0
+    return round(degrees / 90) % 4 if degrees else 0
+
+
+def display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(H, W) of the frame as it is meant to be shown (after its display rotation)."""
+    return (frame.width, frame.height) if quarter_turns(frame) % 2 else (frame.height, frame.width)
+
+
 def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One decoded frame -> ``(H, W, 3) uint8`` RGB, scaled to ``size=(H, W)`` when given."""
-    height, width = size if size is not None else (frame.height, frame.width)
+    """One decoded frame -> ``(H, W, 3) uint8`` RGB as it is meant to be shown (display rotation
+    applied), scaled to ``size=(H, W)`` when given."""
+    turns = quarter_turns(frame)
+    height, width = size if size is not None else display_size(frame)
+    if turns % 2:
+        height, width = width, height  # scale in the stored orientation, then turn
     # threads=1: swscale's own threads cost more than they save on small frames, and they do not
     # survive a fork (a forked worker touching a threaded context waits for them forever).
     out = _reformatter().reformat(
         frame, format="rgb24", width=width, height=height, interpolation="AREA", threads=1
-    )
-    return out.to_ndarray()
+    ).to_ndarray()
+    return np.ascontiguousarray(np.rot90(out, turns)) if turns else out
+
+
+# First bytes of video containers: a file that has them but cannot be opened is a damaged video,
+# one that has none is not a video at all.
+_SIGNATURES = ((4, (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")),  # MP4 / MOV
+               (0, (b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")))
+
+
+def looks_like_video(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(200)
+    ts = len(head) > 188 and head[0] == head[188] == 0x47  # MPEG-TS sync bytes
+    return ts or any(head[at : at + len(sig)] == sig for at, sigs in _SIGNATURES for sig in sigs)
 
 
 def decode_mp4(

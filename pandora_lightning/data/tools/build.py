@@ -30,11 +30,8 @@ ones and cuts only the rows that are not in a finished shard.
 """
 from __future__ import annotations
 
-import csv
-import difflib
 import json
 import multiprocessing
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -49,9 +46,9 @@ from tqdm import tqdm
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.data.manifest import write_manifest
 from pandora_lightning.data.tar import sample_hash
-from pandora_lightning.data.video import encode_mp4, frame_to_rgb
+from pandora_lightning.data.tools.rows import read_index
+from pandora_lightning.data.video import display_size, encode_mp4, frame_to_rgb, looks_like_video
 
-COLUMNS = ("video", "caption", "actions", "domain", "split", "start", "end", "key", "action", "action_start", "action_end")
 TAR_OVERHEAD = 1536  # tar headers and padding of one sample's two members, roughly
 
 
@@ -70,99 +67,12 @@ class BuildSettings:
             raise PandoraError(f"shards build: frames, fps, size and shard size must be positive, got {self}")
 
 
-def _safe(text: str) -> str:
-    # webdataset splits a member name at its first dot: keys and shard names keep to [A-Za-z0-9_-]
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_") or "x"
-
-
-def _number(value, what: str) -> float | None:
-    if value in (None, ""):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
-
-
-def _row_actions(row: dict) -> list[dict]:
-    actions = row.get("actions") or []
-    if isinstance(actions, str):
-        actions = json.loads(actions)
-    if row.get("action"):
-        actions = [*actions, {"text": row["action"], "start": row.get("action_start") or 0, "end": row.get("action_end")}]
-    if not isinstance(actions, list):
-        raise ValueError(f"actions must be a list, got {type(actions).__name__}")
-    out = []
-    for a in actions:
-        if not isinstance(a, dict) or not isinstance(a.get("text"), str) or not a["text"].strip():
-            raise ValueError(f"each action needs a non-empty 'text', got {a!r}")
-        unit = "frame" if "start_frame" in a or "end_frame" in a else "s"
-        keys = ("start_frame", "end_frame") if unit == "frame" else ("start", "end")
-        start, end = _number(a.get(keys[0], 0), f"action {keys[0]}") or 0.0, _number(a.get(keys[1]), f"action {keys[1]}")
-        if end is not None and end <= start:
-            raise ValueError(f"action {a['text']!r} ends ({end}) before it starts ({start})")
-        out.append({"text": a["text"].strip(), "start": start, "end": end, "unit": unit})
-    return out
-
-
-def parse_row(row: dict, number: int, default_domain: str) -> dict:
-    """One index row -> a checked row dict; ValueError names what is wrong."""
-    unknown = [k for k in row if k not in COLUMNS and k is not None]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], COLUMNS, n=1)
-        raise ValueError(f"unknown column '{unknown[0]}'" + (f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(COLUMNS)}"))
-    if not row.get("video"):
-        raise ValueError("no 'video' (the path of the video file)")
-    start, end = _number(row.get("start"), "start") or 0.0, _number(row.get("end"), "end")
-    if end is not None and end <= start:
-        raise ValueError(f"end ({end}) is not after start ({start})")
-    return {
-        "row": number,
-        "video": str(row["video"]),
-        "caption": str(row.get("caption") or ""),
-        "actions": _row_actions(row),
-        "domain": _safe(row.get("domain") or default_domain),
-        "split": _safe(row.get("split") or "train"),
-        "start": start,
-        "end": end,
-        "key": _safe(row.get("key") or f"{Path(str(row['video'])).stem}-{number:06d}"),
-    }
-
-
-def read_index(path: str | Path, default_domain: str = "default") -> list[dict]:
-    """Rows of a JSONL or CSV index, checked; a bad row stops with its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise PandoraError(f"shards build: index '{path}' does not exist")
-    with path.open(newline="") as f:
-        if path.suffix.lower() == ".csv":
-            raw = [(i + 2, r) for i, r in enumerate(csv.DictReader(f))]  # line 1 is the header
-        else:
-            raw = []
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        raw.append((i, json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise PandoraError(f"shards build: {path} line {i}: not JSON ({err})") from None
-    rows = []
-    for number, (line, row) in enumerate(raw):
-        try:
-            if not isinstance(row, dict):
-                raise ValueError("a row must be a JSON object")
-            rows.append(parse_row(row, number, default_domain))
-        except (ValueError, json.JSONDecodeError) as err:
-            raise PandoraError(f"shards build: {path} line {line}: {err}") from None
-    if not rows:
-        raise PandoraError(f"shards build: index '{path}' has no rows")
-    return rows
-
-
 def _cover(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
-    """Scale to cover (H, W), then centre-crop: (H, W, 3) uint8."""
+    """Scale to cover (H, W), then centre-crop: (H, W, 3) uint8, in the display orientation."""
     height, width = size
-    scale = max(height / frame.height, width / frame.width)
-    h, w = max(height, round(frame.height * scale)), max(width, round(frame.width * scale))
+    shown_h, shown_w = display_size(frame)
+    scale = max(height / shown_h, width / shown_w)
+    h, w = max(height, round(shown_h * scale)), max(width, round(shown_w * scale))
     rgb = frame_to_rgb(frame, (h, w))
     top, left = (h - height) // 2, (w - width) // 2
     return rgb[top : top + height, left : left + width]
@@ -179,9 +89,10 @@ def resampled_frames(path: Path, fps: float, size: tuple[int, int], start: float
         rate = float(stream.average_rate or 25)
         if start > 0:
             container.seek(int(start / stream.time_base), stream=stream, backward=True)
-        k, prev, prev_t = 0, None, None
+        k, prev, prev_t, decoded = 0, None, None, 0
         slot = lambda k: start + k / fps  # noqa: E731
         for i, frame in enumerate(container.decode(stream)):
+            decoded = i + 1
             t = frame.time if frame.time is not None else i / rate
             while prev is not None and slot(k) < t - eps:  # slot k shows the previous frame
                 if end is not None and slot(k) >= end - eps:
@@ -191,6 +102,9 @@ def resampled_frames(path: Path, fps: float, size: tuple[int, int], start: float
             prev, prev_t = frame, t
         if prev is None:
             raise ValueError("no decodable frame in the segment")
+        listed = stream.frames or 0
+        if start <= 0 and decoded < listed and (end is None or prev_t + 1 / rate < end):
+            raise Truncated(f"only {decoded} of the {listed} frames its container lists could be decoded")
         stop = prev_t + 1 / rate if end is None else min(end, prev_t + 1 / rate)
         while slot(k) < stop - eps:
             yield _cover(prev, size)
@@ -202,14 +116,38 @@ def _source_seconds(action: dict, rate: float) -> tuple[float, float]:
     return (start / rate, end / rate) if action["unit"] == "frame" else (start, end)
 
 
-def cut_row(settings: BuildSettings, root: Path, row: dict) -> tuple[int, list[dict], str | None]:
-    """Cut one row into encoded clips: (row, [{"__key__", "mp4", "json"}], error or None)."""
+class Truncated(PandoraError):
+    """A video that ends before its container says (a kind of `shards build` failure)."""
+
+
+def _cause(path: Path, err: Exception, opened: bool) -> str:
+    """Which of the failure kinds `shards build` reports an error is."""
+    if isinstance(err, Truncated) or (opened and isinstance(err, av.FFmpegError)):
+        return "truncated or damaged"
+    if isinstance(err, av.FFmpegError):
+        try:
+            return "truncated or damaged" if looks_like_video(path) else "not a video"
+        except OSError:
+            return "unreadable"
+    return "unreadable" if isinstance(err, OSError) else "other"
+
+
+def cut_row(settings: BuildSettings, root: Path, row: dict) -> tuple[int, list[dict], dict | None]:
+    """Cut one row into encoded clips: (row, [{"__key__", "mp4", "json"}], None) or (row, [], {"cause", "error"})
+    with cause one of: missing, unreadable, not a video, truncated or damaged, no video stream, too short."""
+    path = Path(row["video"]) if Path(row["video"]).is_absolute() else root / row["video"]
+    if not path.is_file():
+        return row["row"], [], {"cause": "missing", "error": f"{path} does not exist"}
+    opened = False
     try:
-        path = Path(row["video"]) if Path(row["video"]).is_absolute() else root / row["video"]
-        if not path.is_file():
-            raise ValueError(f"video file {path} does not exist")
         with av.open(str(path)) as probe:
-            rate = float(probe.streams.video[0].average_rate or 25) if probe.streams.video else 25.0
+            if not probe.streams:  # e.g. an mp4 cut before its index (moov) was written
+                return row["row"], [], {"cause": "truncated or damaged" if looks_like_video(path) else "not a video",
+                                        "error": "the container holds no readable stream"}
+            if not probe.streams.video:
+                return row["row"], [], {"cause": "no video stream", "error": "the file holds no video stream"}
+            rate = float(probe.streams.video[0].average_rate or 25)
+        opened = True
         stride = settings.stride or settings.frames
         clips, window = [], []
         for index, frame in enumerate(resampled_frames(path, settings.fps, settings.size, row["start"], row["end"])):
@@ -221,10 +159,11 @@ def cut_row(settings: BuildSettings, root: Path, row: dict) -> tuple[int, list[d
             if settings.max_clips and len(clips) >= settings.max_clips:
                 break
         if not clips:
-            raise ValueError(f"the segment is shorter than one clip of {settings.frames} frames at {settings.fps:g} fps")
+            return row["row"], [], {"cause": "too short", "error": f"the segment is shorter than one clip of "
+                                                                   f"{settings.frames} frames at {settings.fps:g} fps"}
         return row["row"], clips, None
     except (ValueError, av.FFmpegError, OSError) as err:
-        return row["row"], [], f"{type(err).__name__}: {err}"
+        return row["row"], [], {"cause": _cause(path, err, opened), "error": f"{type(err).__name__}: {err}"}
 
 
 def _clip_sample(settings: BuildSettings, row: dict, rate: float, first: int, frames: np.ndarray) -> dict:
@@ -267,8 +206,8 @@ class _ShardWriter:
             self.writer.write(clip)
             meta = json.loads(clip["json"])
             self.lines.append({"key": clip["__key__"], "shard": self.name, "split": self.split, "domain": self.domain,
-                               "video": row["video"], "row": row["row"], "clip_start": meta["clip_start"],
-                               "hash": sample_hash(clip)})
+                               "video": row["video"], "row": row["row"], "row_id": row["row_id"],
+                               "clip_start": meta["clip_start"], "hash": sample_hash(clip)})
         self.size += row_bytes
 
     def close(self) -> None:
@@ -304,6 +243,8 @@ def _previous_build(out: Path, settings: BuildSettings, index: Path) -> tuple[li
         return [], mtime
     lines = [json.loads(line) for line in lines_file.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if (out / line["shard"]).is_file()]
+    if any("row_id" not in line for line in kept):
+        raise PandoraError(f"shards build: {out} was built by an older version that knew rows by position; use a new --out")
     lines_file.write_text("".join(json.dumps(line) + "\n" for line in kept))
     return kept, mtime
 
@@ -318,8 +259,8 @@ def build_shards(
     rows = read_index(index, settings.domain)
     out.mkdir(parents=True, exist_ok=True)
     kept, mtime = _previous_build(out, settings, index)
-    done_rows = {line["row"] for line in kept}
-    todo = [r for r in rows if r["row"] not in done_rows]
+    done_rows = {line["row_id"] for line in kept}
+    todo = [r for r in rows if r["row_id"] not in done_rows]
     next_number: dict[tuple[str, str], int] = {}
     for line in kept:
         pair = (line["split"], line["domain"])
@@ -336,8 +277,9 @@ def build_shards(
             for number, clips, error in bar:
                 row = by_row[number]
                 if error is not None:
-                    errors.append({"row": number, "video": row["video"], "error": error})
+                    errors.append({"row": number, "video": row["video"], **error})
                     errors_file.write(json.dumps(errors[-1]) + "\n")
+                    bar.set_postfix(clips=clips_written, errors=len(errors), refresh=False)
                     continue
                 pair = (row["split"], row["domain"])
                 if pair not in writers:
@@ -355,6 +297,14 @@ def build_shards(
     write_manifest(manifest_path, name or out.name, out, summary["sets"], written_by="shards build")
     summary["manifest"] = str(manifest_path)
     return summary
+
+
+def cause_counts(errors: list[dict]) -> str:
+    """'truncated or damaged: 2, not a video: 1'."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        counts[error["cause"]] = counts.get(error["cause"], 0) + 1
+    return ", ".join(f"{cause}: {n}" for cause, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def shard_patterns(names: list[str]) -> list[str]:
@@ -387,9 +337,11 @@ def _summarise(out: Path, kept: list[dict], errors: list[dict], rows: list[dict]
     for entry in sets.values():
         entry["shards"] = shard_patterns(entry["shards"])
     if not sets:
-        raise PandoraError(f"shards build: no clip could be cut from any of the {len(rows)} rows; see {out / 'errors.jsonl'}")
+        raise PandoraError(f"shards build: no clip could be cut from any of the {len(rows)} rows ({cause_counts(errors)}); "
+                           f"see {out / 'errors.jsonl'}")
     return {
-        "rows": len(rows), "rows_already_done": len({line['row'] for line in kept}), "errors": len(errors),
+        "rows": len(rows), "rows_already_done": len({line['row_id'] for line in kept}), "errors": len(errors),
+        "failed": errors,
         "clips_written": clips_written, "samples": len(lines), "shards": len({line["shard"] for line in lines}),
         "seconds": round(seconds, 2), "clips_per_s": round(clips_written / seconds, 2) if seconds > 0 else 0.0,
         "sets": sorted(sets.values(), key=lambda s: (s["split"], s["domain"])),
