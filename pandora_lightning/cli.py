@@ -17,7 +17,7 @@ def _fit(args) -> None:
     from pandora_lightning.world.metrics import WORLD_METRICS
 
     recipe = load_recipe(args.recipe, args.overrides)
-    print(f"final checkpoint: {fit(recipe, score_callbacks(recipe, [WORLD_METRICS]))}")
+    print(f"final checkpoint: {fit(recipe, score_callbacks(recipe, [WORLD_METRICS]), overwrite=args.overwrite)}")
 
 
 def _generate(args) -> None:
@@ -122,10 +122,11 @@ def _demo(args) -> None:
 
     if args.seeds < 1:
         raise PandoraError(f"demo --seeds {args.seeds}: give at least 1 training seed")
+    run_dir = Path(args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo"))
     if args.seeds == 1:
-        run_demo(Path(args.run_dir), quick=args.quick)
+        run_demo(run_dir, quick=args.quick, overwrite=args.overwrite)
     else:
-        run_seeds(Path(args.run_dir), args.seeds, quick=args.quick)
+        run_seeds(run_dir, args.seeds, quick=args.quick, overwrite=args.overwrite)
 
 
 def _bench(args) -> None:
@@ -159,12 +160,15 @@ ALLOW_COMMANDS_HELP = ("read pipe: and URL shard sources: they RUN COMMANDS (pip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pandora-lightning", description=__doc__)
+    parser = _Parser(prog="pandora-lightning", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (allowed anywhere)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("fit", help="train one stage from a recipe")
     p.add_argument("recipe", help="recipes/<scale>/<stage>.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder (its "
+                   "checkpoints, logs, recipe and scores are deleted); without it a used run folder is refused")
     p.set_defaults(run=_fit)
 
     p = verbs.add_parser("generate", help="roll a checkpoint out from a start image, one action per round")
@@ -231,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(run=_shards_verify)
 
     p = verbs.add_parser("demo", help="world shards -> align -> instruct -> multi-round rollouts + accuracy")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--run-dir", help="default runs/demo (runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the run folder")
     p.set_defaults(run=_demo)
 
     p = verbs.add_parser("bench", help="Lightning step vs a plain PyTorch loop; shard vs per-file loaders; shards build speed")
@@ -262,8 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    text = lines[0] if lines else type(err).__name__
+    return text + (" ..." if len(lines) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb. Every error ends in one line on stderr (exit status 2; 3 for an unexpected one,
+    which may be a bug); `--debug` anywhere on the command line shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("PANDORA_DEBUG"))
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     # Lightning configures its own loggers; this only makes the project's warnings visible.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -271,6 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pandora_lightning").setLevel(logging.INFO)
     try:
         return args.run(args) or 0
-    except (PandoraError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (PandoraError, OSError) as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback on --debug
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 3

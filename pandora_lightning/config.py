@@ -11,7 +11,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pandora_lightning.errors import PandoraError
@@ -37,7 +38,14 @@ def load_structured(schema_cls: type[T], sources: list[Any], what: str) -> T:
             path = Path(src)
             if not path.is_file():
                 raise PandoraError(f"{what}: file '{path}' does not exist")
-            layers.append(OmegaConf.load(path))
+            try:
+                layer = OmegaConf.load(path)
+            except (UnicodeDecodeError, yaml.YAMLError) as err:
+                raise PandoraError(f"{what}: '{path}' is not a YAML text file ({type(err).__name__})") from None
+            if not isinstance(layer, DictConfig):
+                raise PandoraError(f"{what}: '{path}' holds a YAML {type(layer).__name__.removesuffix('Config').lower()}, "
+                                   f"not a mapping of keys to values")
+            layers.append(layer)
         elif isinstance(src, list):
             bad = [s for s in src if "=" not in s]
             if bad:

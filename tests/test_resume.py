@@ -65,6 +65,11 @@ def test_resumed_run_matches_an_uninterrupted_one(world_manifest, tmp_path, reco
     assert not all(torch.equal(a[k], stopped[k]) for k in a), "the resumed run trained"
 
     rows = list(csv.DictReader((tmp_path / "straight" / "logs" / "metrics.csv").open()))
+    # The resumed run's log is the whole history (Lightning's CSV logger would have deleted steps 0-1):
+    # the same steps with the same losses as the uninterrupted run.
+    resumed_rows = list(csv.DictReader((tmp_path / "stopped" / "logs" / "metrics.csv").open()))
+    history = lambda rows: [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss")]  # noqa: E731
+    assert len(history(rows)) == 4 and history(resumed_rows) == history(rows)
     last = rows[-1]
     assert float(last["data/seen_samples"]) == 8 and float(last["data/bad_samples"]) == 0
     assert 0 <= float(last["data/wait_frac"]) < 1

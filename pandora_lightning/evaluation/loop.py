@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pandora_lightning.data.dataset import iterate_split
 from pandora_lightning.data.frames import from_numpy, to_numpy
@@ -110,11 +111,15 @@ def run_episodes(
     media_dir: Path | None = None,
     name: str = "rollouts",
     rollout_fn: RolloutFn = rollout,
+    progress: str | None = None,
 ) -> int:
-    """Roll `episodes` out and update `suite`; writes media into `media_dir` when given. Returns the rounds generated."""
+    """Roll `episodes` out and update `suite`; writes media into `media_dir` when given. Returns the rounds
+    generated. `progress`: the label of a progress bar (episodes done) on stderr."""
     rounds = 0
-    with torch.no_grad():
+    bar = tqdm(total=len(episodes), unit="episode", desc=progress, disable=progress is None)
+    with torch.no_grad(), bar:
         for batch in rollout_batches(model, episodes, batch_size, seed, rollout_fn):
+            bar.update(len(batch.keys))
             suite.update(batch.videos, batch.truth, batch.episodes)
             rounds += batch.rounds * len(batch.keys)
             if media_dir is not None:

@@ -59,7 +59,7 @@ def score_split(
         detector(from_numpy(episodes[0][1][:t])[None])
     suite = MetricSuite(episodes, cond, new, detector, embedder, reasons, plugins)
     media = out_dir / "rollouts" if out_dir is not None else None
-    rounds = run_episodes(model, episodes, suite, cfg.batch_size, cfg.seed, media, split)
+    rounds = run_episodes(model, episodes, suite, cfg.batch_size, cfg.seed, media, split, progress=f"score {split}")
     return {"episodes": len(episodes), "rounds": rounds, "metrics": suite.report(), "skipped": suite.skipped}
 
 

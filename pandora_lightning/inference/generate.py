@@ -4,21 +4,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from pandora_lightning.data.frames import from_numpy, to_numpy
 from pandora_lightning.data.video import contact_sheet, save_png, write_mp4
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.inference.rollout import rollout
+from pandora_lightning.inference.rollout import Rollout
 from pandora_lightning.training.checkpoint import load_stage
 
 
-def read_start_image(path: str | Path, size: int) -> np.ndarray:
-    """A start frame as (H, W, 3) uint8; it must already have the model's size (no silent resizing)."""
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, turned upright by its EXIF orientation (as phones store photos)."""
     try:
-        image = np.asarray(Image.open(path).convert("RGB"))
-    except (FileNotFoundError, UnidentifiedImageError) as err:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as err:  # OSError: missing, unreadable, truncated
         raise PandoraError(f"start image '{path}' cannot be read: {err}") from None
+
+
+def read_start_image(path: str | Path, size: int, image: np.ndarray | None = None) -> np.ndarray:
+    """A start frame as (H, W, 3) uint8; it must already have the model's size (no silent resizing)."""
+    image = read_image(path) if image is None else image
     if image.shape[:2] != (size, size):
         raise PandoraError(
             f"start image '{path}' is {image.shape[1]}x{image.shape[0]} but the model generates {size}x{size} "
@@ -33,10 +40,16 @@ def generate(
     actions = [a.strip() for a in actions if a.strip()]
     if not actions:
         raise PandoraError("--actions is empty: give one action text per round, e.g. --actions 'move left' 'grow'")
+    if scale < 1:
+        raise PandoraError(f"--scale {scale}: the upscale of the written video must be >= 1")
+    picture = read_image(image)  # the cheap checks first, before the model loads
     model = load_stage(checkpoint).model
     cfg = model.cfg.generator
-    start = read_start_image(image, cfg.image_size)
-    video = to_numpy(rollout(model, from_numpy(start)[None], [[a] for a in actions], seed=seed))[0]
+    start = read_start_image(image, cfg.image_size, picture)
+    episode = Rollout(model, from_numpy(start)[None], seed=seed)
+    for action in tqdm(actions, desc="generate", unit="round"):
+        episode.step([action])
+    video = to_numpy(episode.video)[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path, sheet_path = out_dir / "rollout.mp4", out_dir / "rollout.png"
     write_mp4(video_path, video, fps=8, scale=scale)

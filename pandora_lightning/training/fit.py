@@ -8,7 +8,8 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
 from pandora_lightning.data.dataset import check_text_kind
@@ -19,6 +20,7 @@ from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from
 from pandora_lightning.training.recipe import TrainingRecipe
+from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary, training_texts, warn_unknown_words
 
@@ -33,7 +35,7 @@ def train_loader(recipe: TrainingRecipe, text_kind: str) -> ShardLoader:
 
 def _logger(recipe: TrainingRecipe, run_dir: Path):
     if recipe.trainer.logger == "csv":
-        return CSVLogger(save_dir=run_dir, name="logs", version="")
+        return HistoryCSVLogger(save_dir=run_dir, name="logs", version="")
     if recipe.trainer.logger == "tensorboard":
         try:
             return TensorBoardLogger(save_dir=run_dir, name="logs", version="")
@@ -57,23 +59,44 @@ def build_trainer(recipe: TrainingRecipe, run_dir: Path, extra_callbacks: list[L
         gradient_clip_val=cfg.gradient_clip_val or None,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=_logger(recipe, run_dir),
-        callbacks=[checkpoints, DataMonitor(), RandomState(), *extra_callbacks],
+        callbacks=[checkpoints, DataMonitor(), RandomState(), KeepLogHistory(), *extra_callbacks],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, RuntimeError) as err:  # e.g. fsdp on a machine without a GPU
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PandoraError(
+            f"trainer: {first} (trainer.strategy={cfg.strategy}, trainer.accelerator={cfg.accelerator}, "
+            f"trainer.devices={cfg.devices}, trainer.precision={cfg.precision})"
+        ) from None
 
 
-def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
-    """Train one stage as the recipe says; returns the path of the final checkpoint."""
+def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: bool = False) -> Path:
+    """Train one stage as the recipe says; returns the path of the final checkpoint.
+
+    The run folder must be new, or resumed (`trainer.resume_from`), or `overwrite` (see run_folder.py).
+    """
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if recipe.stage == "adapt":
         recipe = with_base_model(recipe)
     run_dir = Path(recipe.run_dir)
     stage_cls = STAGES[recipe.stage]
-    loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)  # data checks before the model loads
+    check_resume(run_dir, recipe.trainer.resume_from)  # the cheap checks first, before the model loads
+    loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
+    trainer = build_trainer(recipe, run_dir, callbacks)
+    lock = claim_run_folder(run_dir, recipe.trainer.resume_from, overwrite) if trainer.is_global_zero else None
+    try:
+        return _fit(recipe, run_dir, stage_cls, loader, trainer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, trainer: L.Trainer) -> Path:
     texts = training_texts(recipe) if needs_vocabulary(recipe) else []
     vocabulary = resolve_vocabulary(recipe, texts)
     module: WorldModelStage = stage_cls.from_recipe(recipe, vocabulary)
@@ -81,7 +104,6 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = ()) -> Path:
         init_adapt_from(module, recipe.init_from)
     elif recipe.init_from:
         init_from(module, recipe.init_from)
-    trainer = build_trainer(recipe, run_dir, callbacks)
     if texts and trainer.is_global_zero:
         warn_unknown_words(vocabulary, texts)
     if trainer.is_global_zero:

@@ -111,6 +111,8 @@ class TrainerConfig:
     resume_from: str | None = None
 
     def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"trainer.max_steps={self.max_steps} must be >= 1 (Lightning's -1, 'no limit', is not a recipe value)")
         if self.logger not in ("csv", "tensorboard", "none"):
             raise ValueError(f"trainer.logger='{self.logger}' is unknown; use csv, tensorboard or none")
 

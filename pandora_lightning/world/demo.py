@@ -59,7 +59,8 @@ def split_summary(report: dict) -> dict:
     return out
 
 
-def run_demo(run_dir: Path, quick: bool = False, seed: int = 0) -> dict:
+def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
+    """The whole pipeline into `run_dir`; an earlier demo there is refused unless `overwrite`."""
     started = time.time()
     timings = {}
     build_world()
@@ -74,7 +75,7 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0) -> dict:
             overrides.append(f"trainer.max_steps={steps[stage]}")
         recipe = load_recipe(f"recipes/tiny/{stage}.yaml", overrides)
         t0 = time.time()
-        checkpoint = fit(recipe, score_callbacks(recipe, [WORLD_METRICS]))
+        checkpoint = fit(recipe, score_callbacks(recipe, [WORLD_METRICS]), overwrite=overwrite)
         timings[f"{stage}_s"] = round(time.time() - t0, 1)
         steps[stage] = recipe.trainer.max_steps
 
@@ -101,9 +102,9 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     return summary
 
 
-def run_seeds(run_dir: Path, seeds: int, quick: bool = False) -> dict:
+def run_seeds(run_dir: Path, seeds: int, quick: bool = False, overwrite: bool = False) -> dict:
     """The demo trained `seeds` times (seeds 0..N-1, each in run_dir/seed-<s>); their spread per figure."""
-    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s) for s in range(seeds)]
+    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite) for s in range(seeds)]
     summary = {"seeds": list(range(seeds)), "figures": seed_spread([r["splits"] for r in runs]),
                "wall_seconds": [r["wall_seconds"]["total_s"] for r in runs]}
     (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
