@@ -35,7 +35,7 @@ def _shards_world(args) -> None:
     cfg = WorldConfig(image_size=args.image_size, seed=args.seed, held_out_rounds=args.held_out_rounds)
     counts = {"train": args.train, "val": args.val, "transfer": args.transfer, "adapt": args.adapt,
               "phrasings": args.phrasings}
-    manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard)
+    manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard, progress=True)
     print(f"wrote {sum(s.samples for s in manifest.sets)} episodes in {sum(len(s.shards) for s in manifest.sets)} shards "
           f"under {args.out}; manifest {manifest.path}; vocabulary {vocabulary_path(args.manifest)}")
 

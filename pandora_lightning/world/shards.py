@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from tqdm import tqdm
 
 from pandora_lightning.data.manifest import Manifest, load_manifest, write_manifest
 from pandora_lightning.data.tar import sample_hash
@@ -63,7 +64,7 @@ def _check_counts(counts: dict[str, int], samples_per_shard: int) -> None:
 
 
 def _write_split_domain(
-    out_dir: Path, cfg: WorldConfig, split: str, domain: str, count: int, samples_per_shard: int, seed: int
+    out_dir: Path, cfg: WorldConfig, split: str, domain: str, count: int, samples_per_shard: int, seed: int, bar=None
 ) -> dict:
     """Write ``count`` episodes of one (split, domain) and return its record."""
     # One independent stream per (split, domain): val/transfer start states
@@ -89,6 +90,8 @@ def _write_split_domain(
                 "json": json.dumps(episode_metadata(ep, cfg, split)).encode("utf-8"),
             }
             writer.write(sample)
+            if bar is not None:
+                bar.update()
             index.append({"key": sample["__key__"], "shard": shards[-1], "split": split, "domain": domain,
                           "hash": sample_hash(sample)})
     finally:
@@ -103,6 +106,7 @@ def write_world_shards(
     counts: dict[str, int],
     samples_per_shard: int = 64,
     seed: int | None = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Write world episodes for each split in ``counts`` (episodes per domain).
 
@@ -118,12 +122,10 @@ def write_world_shards(
     out.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed if seed is None else int(seed)
     records = []
-    for split in SPLITS:
-        if counts.get(split, 0) == 0:
-            continue
-        for domain in _split_domains(cfg, split):
-            n = counts[split]
-            records.append(_write_split_domain(out, cfg, split, domain, n, samples_per_shard, seed))
+    plan = [(split, domain) for split in SPLITS if counts.get(split, 0) for domain in _split_domains(cfg, split)]
+    with tqdm(total=sum(counts[s] for s, _ in plan), unit="episode", desc="shards world", disable=not progress) as bar:
+        for split, domain in plan:
+            records.append(_write_split_domain(out, cfg, split, domain, counts[split], samples_per_shard, seed, bar))
     # Which shard holds which key, with a content hash: `shards verify` finds lost and altered samples by it.
     lines = [line for record in records for line in record.pop("index")]
     (out / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -136,10 +138,11 @@ WORLD_NAME = "world-v2"
 
 
 def write_world(
-    out_dir: str | Path, manifest: str | Path, cfg: WorldConfig, counts: dict[str, int], samples_per_shard: int = 64
+    out_dir: str | Path, manifest: str | Path, cfg: WorldConfig, counts: dict[str, int], samples_per_shard: int = 64,
+    progress: bool = False,
 ) -> Manifest:
     """The world's shards, their manifest and, beside it, the world's vocabulary file."""
-    records = write_world_shards(out_dir, cfg, counts, samples_per_shard=samples_per_shard)
+    records = write_world_shards(out_dir, cfg, counts, samples_per_shard=samples_per_shard, progress=progress)
     written = write_manifest(manifest, WORLD_NAME, out_dir, records)
     write_vocabulary_file(vocabulary_path(manifest), world_vocabulary())
     return written
