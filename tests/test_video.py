@@ -125,8 +125,10 @@ def test_shard_records_and_names(shards):
     train_meadow = records[0]
     assert train_meadow["samples"] == 20
     assert train_meadow["shards"] == [f"train-meadow-{i:06d}.tar" for i in range(3)]
-    on_disk = sorted(p.name for p in out.iterdir())
+    on_disk = sorted(p.name for p in out.iterdir() if p.suffix == ".tar")
     assert on_disk == sorted(s for r in records for s in r["shards"])
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]  # keys and hashes for verify
+    assert len(index) == sum(r["samples"] for r in records) and {"key", "shard", "hash"} <= set(index[0])
 
 
 def test_shard_round_trip_matches_episode(shards):
