@@ -23,7 +23,7 @@ def _fit(args) -> None:
 def _generate(args) -> None:
     from pandora_lightning.inference.generate import generate
 
-    video, sheet = generate(args.checkpoint, args.image, args.actions, Path(args.out), args.seed, args.scale)
+    video, sheet = generate(args.checkpoint, args.image, args.actions, Path(args.out), args.seed, args.scale, args.adapter)
     print(f"wrote {video} and {sheet}")
 
 
@@ -140,19 +140,30 @@ def _score(args) -> None:
     from pandora_lightning.evaluation.score import print_scores, run_score
     from pandora_lightning.world.metrics import WORLD_METRICS
 
-    # Lightning names checkpoints like epoch=0-step=500.ckpt, so '=' alone does not make an override.
+    # Lightning names checkpoints like epoch=0-step=500.ckpt, so '=' alone does not make an override;
+    # with --compare, NEWNAME=PATH names an adapter.
     keys = set(ScoreConfig.__dataclass_fields__)
     overrides = [a for a in args.args if a.split("=", 1)[0] in keys
-                 or ("=" in a and not a.endswith(".ckpt") and not Path(a).exists())]
+                 or ("=" in a and not a.endswith(".ckpt") and not Path(a).exists()
+                     and not (args.compare and Path(a.split("=", 1)[1]).exists()))]
     checkpoints = [a for a in args.args if a not in overrides]
-    if len(checkpoints) > 1:
-        raise PandoraError(f"score takes one checkpoint, got {checkpoints}")
+    adapters = checkpoints[1:] if args.compare else []
+    if args.compare and not adapters:
+        raise PandoraError("score --compare takes the base checkpoint, then one or more adapters (NAME or folder)")
+    if len(checkpoints) > 1 and not args.compare:
+        raise PandoraError(f"score takes one checkpoint, got {checkpoints} (before/after an adapter: score --compare BASE ADAPTER)")
     flags = ("manifest", "splits", "per_domain", "batch_size", "seed", "fvd_detector", "fvd_feature_dim", "clip_model", "out",
-             "save_videos", "num_inference_steps", "allow_commands")
+             "save_videos", "num_inference_steps", "allow_commands", "adapter")
     values = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if checkpoints:
         values["checkpoint"] = checkpoints[0]
-    print_scores(run_score(load_score_config(args.recipe, overrides, values), plugins=[WORLD_METRICS]))
+    cfg = load_score_config(args.recipe, overrides, values)
+    if args.compare:
+        from pandora_lightning.evaluation.compare import print_compare, run_compare
+
+        print_compare(run_compare(cfg, adapters, plugins=[WORLD_METRICS]))
+    else:
+        print_scores(run_score(cfg, plugins=[WORLD_METRICS]))
 
 
 ALLOW_COMMANDS_HELP = ("read pipe: and URL shard sources: they RUN COMMANDS (pipe: a shell command, URLs curl and the "
@@ -176,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="start frame (PNG/JPEG) at the model's image size")
     p.add_argument("--actions", nargs="+", required=True, help='one action per round, e.g. "move left" "grow"')
     p.add_argument("--out", default="runs/generate")
+    p.add_argument("--adapter", help="run a LoRA adapter on the checkpoint: an adapter folder, or an adapt run's name "
+                                      "(runs/<name>/adapt/NAME beside the checkpoint's run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the written video")
     p.set_defaults(run=_generate)
@@ -263,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-videos", action="store_true", default=None, help="also write an mp4 per rollout")
     p.add_argument("--num-inference-steps", type=int, help="sampler steps per round (default: the checkpoint's)")
     p.add_argument("--allow-commands", action="store_true", default=None, help=ALLOW_COMMANDS_HELP)
+    p.add_argument("--adapter", help="run a LoRA adapter on the checkpoint (a folder, or an adapt run's name)")
+    p.add_argument("--compare", action="store_true",
+                   help="CHECKPOINT ADAPTER [ADAPTER ...]: the base and each adapter on the same episodes, one before/after table")
     p.set_defaults(run=_score)
     return parser
 

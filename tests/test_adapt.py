@@ -2,6 +2,8 @@
 loads back onto the base, and a LoRA run resumes exactly."""
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -30,7 +32,9 @@ def adapt_recipe(manifest, run_dir, base, *overrides):
 
 @pytest.fixture(scope="module")
 def adapted(world_manifest, align_checkpoint, tmp_path_factory):
-    return fit(adapt_recipe(world_manifest, tmp_path_factory.mktemp("adapt") / "desert", align_checkpoint))
+    # A large step, so that two steps move the adapter visibly.
+    run_dir = tmp_path_factory.mktemp("adapt") / "desert"
+    return fit(adapt_recipe(world_manifest, run_dir, align_checkpoint, "optim.lr=0.05", "optim.warmup_steps=1"))
 
 
 def test_adapt_trains_only_the_adapter_and_writes_a_peft_folder(adapted, align_checkpoint):
@@ -119,3 +123,35 @@ def test_world_adapt_split_is_the_transfer_domain_with_every_action(tmp_path):
     starts = {frames[0].tobytes() for _, frames, _ in adapt}
     assert not any(frames[0].tobytes() in starts for _, frames, _ in transfer)
     assert len(starts) == len(adapt) and all(np.asarray(f).ndim == 4 for _, f, _ in adapt)
+
+
+def test_generate_and_compare_with_an_adapter(adapted, align_checkpoint, world_manifest, tmp_path, capsys):
+    from PIL import Image
+
+    from pandora_lightning.cli import main
+
+    adapter = adapted.parents[1] / "adapter"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "start.png")
+    common = ["--image", str(tmp_path / "start.png"), "--actions", "move left"]
+    assert main(["generate", str(align_checkpoint), *common, "--out", str(tmp_path / "base")]) == 0
+    assert main(["generate", str(align_checkpoint), *common, "--adapter", str(adapter), "--out", str(tmp_path / "on")]) == 0
+    assert main(["generate", str(adapted), *common, "--out", str(tmp_path / "own")]) == 0
+    sheets = {k: np.asarray(Image.open(tmp_path / k / "rollout.png")).astype(int) for k in ("base", "on", "own")}
+    assert np.abs(sheets["on"] - sheets["own"]).max() <= 1, "base + adapter folder renders what the adapt checkpoint renders"
+    assert np.abs(sheets["on"] - sheets["base"]).max() > 1
+
+    out = tmp_path / "compare"
+    assert main(["score", "--compare", str(align_checkpoint), str(adapter), f"again={adapter}",
+                 f"manifest={world_manifest}", "per_domain=1", "batch_size=8", f"out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "| metric | split | domain | base | desert | Δ desert | again | Δ again |" in printed
+    assert "| action following ↑ | transfer | desert |" in printed and "| action following ↑ | val | meadow |" in printed
+    assert (out / "compare.png").stat().st_size > 0 and (out / "compare.md").read_text() in printed
+    result = json.loads((out / "compare.json").read_text())
+    row = next(r for r in result["rows"] if r["metric"] == "psnr" and r["split"] == "val" and r["domain"] == "all")
+    assert row["values"]["desert"] == row["values"]["again"] != row["values"]["base"]
+
+    assert main(["score", "--compare", str(align_checkpoint), f"manifest={world_manifest}"]) == 2
+    assert "takes the base checkpoint, then one or more adapters" in capsys.readouterr().err
+    assert main(["generate", str(align_checkpoint), *common, "--adapter", "nowhere"]) == 2
+    assert "--adapter 'nowhere' is neither an adapter folder nor the name of an adapt run" in capsys.readouterr().err

@@ -42,6 +42,9 @@ class ScoreConfig:
     save_videos: bool = False  # an mp4 per rollout and contact sheets beside the scores
     num_inference_steps: int | None = None  # sampler steps per round; null = the checkpoint's recipe
     allow_commands: bool = False  # read pipe:/URL shard sources of the manifest: they RUN COMMANDS
+    # An adapter to run on the checkpoint: an adapter folder, or the name of an adapt run beside the
+    # checkpoint's run (runs/<name>/adapt/<adapter>); null = the checkpoint as it is.
+    adapter: str | None = None
 
     def __post_init__(self):
         if self.per_domain < 0 or self.batch_size < 1 or self.fvd_feature_dim < 1 or (self.num_inference_steps or 1) < 1:

@@ -68,7 +68,8 @@ def markdown(scores: dict) -> str:
     lines = [
         f"# Scores: {scores['checkpoint']}",
         "",
-        f"stage {scores['stage']}, manifest {scores['manifest']}, seed {scores['seed']}, "
+        f"stage {scores['stage']}{', adapter ' + scores['adapter'] if scores.get('adapter') else ''}, "
+        f"manifest {scores['manifest']}, seed {scores['seed']}, "
         f"{scores['per_domain'] or 'all'} episodes per domain, {scores['wall_seconds']} s",
     ]
     entries = [e for res in scores["splits"].values() for e in res["metrics"].values()]

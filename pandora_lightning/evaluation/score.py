@@ -24,7 +24,9 @@ from pandora_lightning.evaluation.config import ScoreConfig
 from pandora_lightning.evaluation.loop import load_episodes, run_episodes
 from pandora_lightning.evaluation.report import markdown, write_report
 from pandora_lightning.evaluation.suite import Episode, EpisodeMetrics, MetricSuite, load_weights
+from pandora_lightning.training.adapters import attach_adapters
 from pandora_lightning.training.checkpoint import load_stage
+from pandora_lightning.training.lora import use_adapter
 
 
 TRAINING_SPLITS = ("train", "adapt")
@@ -43,10 +45,10 @@ def held_out_splits(manifest: Manifest, requested: list[str]) -> list[str]:
     return held_out
 
 
-def default_out_dir(checkpoint: str | Path) -> Path:
+def default_out_dir(checkpoint: str | Path, adapter: str | None = None) -> Path:
     path = Path(checkpoint)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return run_dir / "scores" / path.stem
+    return run_dir / "scores" / (f"{path.stem}+{adapter}" if adapter else path.stem)
 
 
 def score_split(
@@ -74,6 +76,9 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
         splits = held_out_splits(manifest, list(cfg.splits))
     module = load_stage(cfg.checkpoint)
     model = module.model
+    adapters = attach_adapters(module, cfg.checkpoint, [cfg.adapter] if cfg.adapter else [])
+    if adapters:
+        use_adapter(model, adapters[0])
     if cfg.num_inference_steps:
         model.generator.cfg.num_inference_steps = cfg.num_inference_steps
     manifest_path = cfg.manifest or module.recipe.data.manifest
@@ -84,7 +89,7 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     corrupt: list[tuple[str, str]] = []
     episodes = {split: load_episodes(manifest, split, cfg.per_domain, image_size, corrupt) for split in splits}
     weights = load_weights(cfg)
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint)
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint, adapters[0] if adapters else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for split in splits:
@@ -97,6 +102,7 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     scores = {
         "checkpoint": str(cfg.checkpoint),
         "stage": module.stage,
+        "adapter": adapters[0] if adapters else None,
         "manifest": str(manifest_path),
         "seed": cfg.seed,
         "per_domain": cfg.per_domain,

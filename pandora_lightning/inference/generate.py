@@ -11,7 +11,10 @@ from pandora_lightning.data.frames import from_numpy, to_numpy
 from pandora_lightning.data.video import contact_sheet, save_png, write_mp4
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.inference.rollout import Rollout
+from pandora_lightning.models.world_model import WorldModel
+from pandora_lightning.training.adapters import attach_adapters
 from pandora_lightning.training.checkpoint import load_stage
+from pandora_lightning.training.lora import use_adapter
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -34,8 +37,17 @@ def read_start_image(path: str | Path, size: int, image: np.ndarray | None = Non
     return image
 
 
+def load_model(checkpoint: str | Path, adapter: str | None = None) -> WorldModel:
+    """The checkpoint's model in eval mode, with `adapter` (a folder or an adapt run's name) running on it."""
+    module = load_stage(checkpoint)
+    if adapter:
+        use_adapter(module.model, attach_adapters(module, checkpoint, [adapter])[0])
+    return module.model
+
+
 def generate(
-    checkpoint: str | Path, image: str | Path, actions: list[str], out_dir: Path, seed: int = 0, scale: int = 4
+    checkpoint: str | Path, image: str | Path, actions: list[str], out_dir: Path, seed: int = 0, scale: int = 4,
+    adapter: str | None = None,
 ) -> tuple[Path, Path]:
     actions = [a.strip() for a in actions if a.strip()]
     if not actions:
@@ -43,7 +55,7 @@ def generate(
     if scale < 1:
         raise PandoraError(f"--scale {scale}: the upscale of the written video must be >= 1")
     picture = read_image(image)  # the cheap checks first, before the model loads
-    model = load_stage(checkpoint).model
+    model = load_model(checkpoint, adapter)
     cfg = model.cfg.generator
     start = read_start_image(image, cfg.image_size, picture)
     episode = Rollout(model, from_numpy(start)[None], seed=seed)
