@@ -17,7 +17,7 @@ from pandora_lightning.training.fit import fit
 from pandora_lightning.training.lora import use_adapter
 from pandora_lightning.world import WorldConfig
 from pandora_lightning.world.domains import TRANSFER_DOMAIN, TRANSFER_HELD_OUT
-from pandora_lightning.world.shards import write_world_shards
+from pandora_lightning.world.shards import ADAPT_REPLAY, write_world, write_world_shards
 from tests.conftest import tiny_recipe
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -155,3 +155,12 @@ def test_generate_and_compare_with_an_adapter(adapted, align_checkpoint, world_m
     assert "takes the base checkpoint, then one or more adapters" in capsys.readouterr().err
     assert main(["generate", str(align_checkpoint), *common, "--adapter", "nowhere"]) == 2
     assert "--adapter 'nowhere' is neither an adapter folder nor the name of an adapt run" in capsys.readouterr().err
+
+
+def test_world_manifest_mixes_a_little_replay_into_the_adapt_split(tmp_path):
+    manifest = write_world(tmp_path / "shards", tmp_path / "world.yaml", WorldConfig(), {"train": 4, "adapt": 6}, 64)
+    adapt = {s.domain: s for s in manifest.sets if s.split == "adapt"}
+    train = {s.domain: s for s in manifest.sets if s.split == "train"}
+    assert adapt[TRANSFER_DOMAIN].shards == ["adapt-desert-000000.tar"]
+    assert sorted(adapt) == sorted(train) and all(adapt[d].shards == train[d].shards for d in adapt if d != TRANSFER_DOMAIN)
+    assert adapt[TRANSFER_DOMAIN].weight == pytest.approx(6 / (6 + 3 * ADAPT_REPLAY))

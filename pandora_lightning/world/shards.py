@@ -143,9 +143,21 @@ def write_world(
 ) -> Manifest:
     """The world's shards, their manifest and, beside it, the world's vocabulary file."""
     records = write_world_shards(out_dir, cfg, counts, samples_per_shard=samples_per_shard, progress=progress)
-    written = write_manifest(manifest, WORLD_NAME, out_dir, records)
+    written = write_manifest(manifest, WORLD_NAME, out_dir, records + adapt_replay(records))
     write_vocabulary_file(vocabulary_path(manifest), world_vocabulary())
     return written
+
+
+# Training episodes of each other domain mixed into the "adapt" split (a third of its stream beside
+# 48 desert episodes), so that an adapter learns the new dynamics without unlearning the old ones.
+ADAPT_REPLAY = 8
+
+
+def adapt_replay(records: list[dict]) -> list[dict]:
+    """Manifest sets that mix a few train episodes of the other domains into the adapt split."""
+    if not any(r["split"] == "adapt" for r in records):
+        return []
+    return [{**r, "split": "adapt", "samples": ADAPT_REPLAY} for r in records if r["split"] == "train" and r["domain"] != TRANSFER_DOMAIN]
 
 
 def ensure_world(
