@@ -145,7 +145,8 @@ def test_generate_and_compare_with_an_adapter(adapted, align_checkpoint, world_m
                  f"manifest={world_manifest}", "per_domain=1", "batch_size=8", f"out={out}"]) == 0
     printed = capsys.readouterr().out
     assert "| metric | split | domain | base | desert | Δ desert | again | Δ again |" in printed
-    assert "| action following ↑ | transfer | desert |" in printed and "| action following ↑ | val | meadow |" in printed
+    assert "| action following (strict) ↑ | transfer | desert |" in printed and "| action following (strict) ↑ | val | meadow |" in printed
+    assert "(chance " in printed
     assert (out / "compare.png").stat().st_size > 0 and (out / "compare.md").read_text() in printed
     result = json.loads((out / "compare.json").read_text())
     row = next(r for r in result["rows"] if r["metric"] == "psnr" and r["split"] == "val" and r["domain"] == "all")

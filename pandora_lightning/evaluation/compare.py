@@ -14,7 +14,7 @@ from pathlib import Path
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.evaluation.config import ScoreConfig
 from pandora_lightning.evaluation.loop import load_episodes
-from pandora_lightning.evaluation.report import SPLIT_COLOURS, _fmt, _grid, _label, _ordered, _panel
+from pandora_lightning.evaluation.report import SPLIT_COLOURS, _cell, _grid, _label, _ordered, _panel
 from pandora_lightning.evaluation.score import default_out_dir, held_out_splits, score_split
 from pandora_lightning.evaluation.suite import EpisodeMetrics, load_weights
 from pandora_lightning.training.adapters import attach_adapters, resolve_adapter
@@ -71,11 +71,12 @@ def rows(variants: dict[str, dict]) -> list[dict]:
         for split, res in base.items():
             entry = res["metrics"].get(metric, {})
             for domain in ["all", *sorted(entry.get("per_domain", {}))]:
-                values = {}
+                values, cells = {}, {}
                 for variant, by_split in variants.items():
                     got = by_split[split]["metrics"].get(metric, {})
                     values[variant] = got.get("overall") if domain == "all" else got.get("per_domain", {}).get(domain)
-                out.append({"metric": metric, "split": split, "domain": domain, "values": values})
+                    cells[variant] = _cell(got, None if domain == "all" else domain)
+                out.append({"metric": metric, "split": split, "domain": domain, "values": values, "cells": cells})
     return out
 
 
@@ -85,17 +86,18 @@ def markdown(result: dict) -> str:
         f"# Before / after: {result['checkpoint']} with {', '.join(names)}",
         "",
         f"manifest {result['manifest']}, seed {result['seed']}, {result['per_domain'] or 'all'} episodes per domain "
-        f"and split, the same episodes for every column; {result['wall_seconds']} s",
+        f"and split, the same episodes for every column; {result['wall_seconds']} s. Where a metric reports them: "
+        f"value [95% bootstrap interval over episodes] (chance: the best text-ignoring, state-aware predictor)",
         "",
         "| metric | split | domain | base | " + " | ".join(f"{n} | Δ {n}" for n in names) + " |",
         "| --- | --- | --- | ---: |" + " ---: | ---: |" * len(names),
     ]
     for row in result["rows"]:
         base = row["values"][BASE]
-        cells = [_fmt(base)]
+        cells = [row["cells"][BASE]]
         for n in names:
             value = row["values"][n]
-            cells += [_fmt(value), "n/a" if value is None or base is None else f"{value - base:+.3f}"]
+            cells += [row["cells"][n], "n/a" if value is None or base is None else f"{value - base:+.3f}"]
         domain = f"**{row['domain']}**" if row["domain"] == "all" else row["domain"]
         lines.append(f"| {_label(row['metric'])} | {row['split']} | {domain} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
