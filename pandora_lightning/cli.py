@@ -66,7 +66,7 @@ def _shards_build(args) -> None:
         from pandora_lightning.recipe import load_recipe
 
         gen = load_recipe(args.recipe).model.generator
-        size, frames = size or str(gen.image_size), frames or gen.frames
+        size, frames = size or f"{gen.height}x{gen.width}", frames or gen.frames
     settings = BuildSettings(
         frames=frames or 16, fps=args.fps, size=_parse_size(size or "32"), stride=args.stride,
         max_clips=args.max_clips, shard_bytes=_parse_bytes(args.shard_size), domain=args.domain,

@@ -57,7 +57,7 @@ def write_sets(root: Path, sets: dict, weights: dict | None = None, corrupt: dic
 
 def make_loader(manifest: Path, workers: int = 0, batch: int = 2, epoch_samples: int = 0, seed: int = 0, **data):
     cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=8, epoch_samples=epoch_samples, **data)
-    return training_loader(load_manifest(manifest, allow_commands=cfg.allow_commands), cfg, "action", 6, 2, 32, seed)
+    return training_loader(load_manifest(manifest, allow_commands=cfg.allow_commands), cfg, "action", 6, 2, (32, 32), seed)
 
 
 def take(loader, batches: int) -> list[str]:

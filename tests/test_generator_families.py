@@ -22,7 +22,7 @@ def folders(tmp_path_factory):
 
 def generator(folders, name, **overrides):
     frames, cond = CLIPS[name]
-    cfg = GeneratorConfig(pretrained=str(folders[name]), frames=frames, cond_frames=cond, image_size=H, num_inference_steps=2, **overrides)
+    cfg = GeneratorConfig(pretrained=str(folders[name]), frames=frames, cond_frames=cond, height=H, width=H, num_inference_steps=2, **overrides)
     return build_generator(cfg).eval()  # fp16 weights, computed in fp32
 
 
@@ -130,7 +130,7 @@ def test_wan_loss_is_the_flow_matching_loss(folders, name):
 @pytest.mark.parametrize("family", ["i2vgen-xl", "svd", "wan"])
 def test_published_configuration_builds_on_the_meta_device(tmp_path, family):
     frames, cond = {"wan": (81, 1)}.get(family, (16, 1))
-    cfg = GeneratorConfig(pretrained=str(published(family, tmp_path / family)), frames=frames, cond_frames=cond, image_size=320)
+    cfg = GeneratorConfig(pretrained=str(published(family, tmp_path / family)), frames=frames, cond_frames=cond, height=320, width=320)
     gen = build_generator(cfg, init="meta")
     parts = {name: module for name, module in gen.named_children()}
     if gen.has_text_teacher:

@@ -65,7 +65,7 @@ def test_bad_generator_folders_and_sizes_are_one_clear_line(tmp_path):
          r"cross_attention_dim\); set model.output_adapter.context_dim=32"),
         (dict(generator=GeneratorConfig(pretrained=str(wan_folder), frames=6, cond_frames=1)),
          "generator.frames and generator.cond_frames must be 1 \\+ 4k"),
-        (dict(generator=GeneratorConfig(pretrained=str(wan_folder), frames=5, cond_frames=1, image_size=24)),
+        (dict(generator=GeneratorConfig(pretrained=str(wan_folder), frames=5, cond_frames=1, height=24, width=24)),
          "wan takes frame heights and widths that are multiples of 16"),
     ]
     for kwargs, message in cases:

@@ -124,7 +124,7 @@ def test_scoring_exact_rollouts(world_manifest, follow):
 def test_demo_evaluation_uses_the_metric(align_checkpoint, world_manifest, tmp_path):
     model = load_stage(align_checkpoint).model
     model.generator.cfg.num_inference_steps = 1
-    episodes = load_episodes(load_manifest(world_manifest), "transfer", 1, model.cfg.generator.image_size)
+    episodes = load_episodes(load_manifest(world_manifest), "transfer", 1, model.cfg.generator.size)
     suite = MetricSuite(episodes, model.cond_frames, model.new_frames, plugins=[WORLD_METRICS])
     run_episodes(model, episodes, suite, batch_size=1, media_dir=tmp_path, name="transfer")
     report = suite.report()["action_following"]

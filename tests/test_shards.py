@@ -67,7 +67,7 @@ def test_build_cuts_resizes_and_indexes_the_clips(folder, tmp_path):
 
     manifest = load_manifest(summary["manifest"])  # validated: weights sum to 1, every shard exists
     assert {(s.domain, s.samples, s.weight) for s in manifest.sets} == {("meadow", 9, 0.5), ("space", 9, 0.5)}
-    loader = training_loader(manifest, DataConfig(batch_size=3, num_workers=0), "action", 6, 2, 32, seed=0)
+    loader = training_loader(manifest, DataConfig(batch_size=3, num_workers=0), "action", 6, 2, (32, 32), seed=0)
     assert next(iter(loader))["frames"].shape == (3, 6, 3, 32, 32)
 
 

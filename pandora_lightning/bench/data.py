@@ -107,7 +107,7 @@ def loader_figures(folder: Path, manifest: Path, workers: int, batches: int, rep
     """Best of `repeats` rounds, the loaders taking turns within a round (the machine is shared)."""
     loaders = {
         "shards": lambda: training_loader(load_manifest(manifest), DataConfig(batch_size=BATCH, num_workers=workers),
-                                          "action", FRAMES, COND, 32, seed=0),
+                                          "action", FRAMES, COND, (32, 32), seed=0),
         **{
             name: lambda usual=usual: DataLoader(FolderClips(folder, usual), batch_size=BATCH, shuffle=True,
                                                  num_workers=workers, drop_last=True, generator=torch.Generator().manual_seed(0))

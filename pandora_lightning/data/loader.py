@@ -184,16 +184,16 @@ class ShardLoader:
 
 
 def training_loader(
-    manifest: Manifest, data: DataConfig, text_kind: str, frames: int, cond_frames: int, image_size: int, seed: int
+    manifest: Manifest, data: DataConfig, text_kind: str, frames: int, cond_frames: int, size: tuple[int, int], seed: int
 ) -> ShardLoader:
-    """The loader for a recipe's data block: `data.split` of `manifest`, windows of `frames` frames."""
+    """The loader for a recipe's data block: `data.split` of `manifest`, windows of `frames` frames of `size` (H, W)."""
     sets = manifest.sets_for(data.split)
     cfg = StreamConfig(
         sets=tuple(SetSpec(f"{s.split}/{s.domain}", tuple(manifest.urls(s)), s.weight) for s in sets),
         text_kind=text_kind,
         frames=frames,
         cond_frames=cond_frames,
-        size=(image_size, image_size),
+        size=tuple(size),
         batch_size=data.batch_size,
         shuffle_buffer=data.shuffle_buffer,
         seed=seed,

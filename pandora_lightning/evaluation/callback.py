@@ -30,8 +30,8 @@ class ScoreCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         manifest = load_manifest(self.manifest, allow_commands=self.allow_commands)
-        image_size = pl_module.model.cfg.generator.image_size
-        episodes = load_episodes(manifest, self.cfg.split, self.cfg.per_domain, image_size)
+        size = pl_module.model.cfg.generator.size
+        episodes = load_episodes(manifest, self.cfg.split, self.cfg.per_domain, size)
         self.all_episodes, self.episodes = episodes, episodes[trainer.global_rank :: trainer.world_size]
         self.weights = load_weights(self.cfg)
         rank_zero_info(

@@ -39,7 +39,7 @@ class RolloutBatch:
 
 
 def load_episodes(
-    manifest: Manifest, split: str, per_domain: int | None, image_size: int, skipped: list | None = None
+    manifest: Manifest, split: str, per_domain: int | None, size: tuple[int, int], skipped: list | None = None
 ) -> list[Episode]:
     """Up to `per_domain` episodes of each domain of `split`, checked against the model's frame size;
     corrupt samples are skipped and appended to `skipped` as ("shard:key", reason)."""
@@ -56,10 +56,10 @@ def load_episodes(
             f"actions (the `actions` column of `shards build`), or score another split (--split)"
         )
     key, frames, _ = episodes[0]
-    if frames.shape[1:3] != (image_size, image_size):
+    if tuple(frames.shape[1:3]) != tuple(size):
         raise PandoraError(
-            f"manifest {manifest.path}: sample {key} is {frames.shape[2]}x{frames.shape[1]} but the checkpoint "
-            f"generates {image_size}x{image_size} frames"
+            f"manifest {manifest.path}: sample {key} is {frames.shape[1]}x{frames.shape[2]} (height x width) but the "
+            f"checkpoint generates {size[0]}x{size[1]} frames"
         )
     return episodes
 

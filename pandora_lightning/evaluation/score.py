@@ -85,9 +85,9 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     if not cfg.manifest:
         manifest = load_manifest(manifest_path, allow_commands=cfg.allow_commands)
         splits = held_out_splits(manifest, list(cfg.splits))
-    image_size = model.cfg.generator.image_size
+    size = model.cfg.generator.size
     corrupt: list[tuple[str, str]] = []
-    episodes = {split: load_episodes(manifest, split, cfg.per_domain, image_size, corrupt) for split in splits}
+    episodes = {split: load_episodes(manifest, split, cfg.per_domain, size, corrupt) for split in splits}
     weights = load_weights(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint, adapters[0] if adapters else None)
     out_dir.mkdir(parents=True, exist_ok=True)

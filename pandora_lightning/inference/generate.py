@@ -26,13 +26,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise PandoraError(f"start image '{path}' cannot be read: {err}") from None
 
 
-def read_start_image(path: str | Path, size: int, image: np.ndarray | None = None) -> np.ndarray:
-    """A start frame as (H, W, 3) uint8; it must already have the model's size (no silent resizing)."""
+def read_start_image(path: str | Path, size: tuple[int, int], image: np.ndarray | None = None) -> np.ndarray:
+    """A start frame as (H, W, 3) uint8; it must already have the model's (height, width) (no silent resizing)."""
     image = read_image(path) if image is None else image
-    if image.shape[:2] != (size, size):
+    if image.shape[:2] != tuple(size):
         raise PandoraError(
-            f"start image '{path}' is {image.shape[1]}x{image.shape[0]} but the model generates {size}x{size} "
-            f"frames; resize it first (model.generator.image_size in the recipe)"
+            f"start image '{path}' is {image.shape[0]}x{image.shape[1]} but the model generates {size[0]}x{size[1]} "
+            f"frames (height x width); resize or crop it first (model.generator.height/width in the recipe)"
         )
     return image
 
@@ -57,7 +57,7 @@ def generate(
     picture = read_image(image)  # the cheap checks first, before the model loads
     model = load_model(checkpoint, adapter)
     cfg = model.cfg.generator
-    start = read_start_image(image, cfg.image_size, picture)
+    start = read_start_image(image, cfg.size, picture)
     episode = Rollout(model, from_numpy(start)[None], seed=seed)
     for action in tqdm(actions, desc="generate", unit="round"):
         episode.step([action])

@@ -40,7 +40,8 @@ class GeneratorConfig:
     pretrained: str | None = None  # local diffusers folder (model_index.json + unet|transformer/, vae/, scheduler/, ...)
     frames: int = 6  # frames per generated clip, the given ones included (16 in the reference; wan: 1 + 4k)
     cond_frames: int = 2  # given frames at the start of the clip (4 in the reference; wan: 1 + 4k)
-    image_size: int = 32
+    height: int = 32  # frame size in pixels (320 x 512 in the reference)
+    width: int = 32
     num_inference_steps: int | None = None  # null: the family's default (tiny 20, i2vgen-xl 50, svd 25, wan 50)
     # Classifier-free guidance at sampling: pred = uncond + scale * (cond - uncond); 1.0 = off (one
     # backbone call a step instead of two). null: the family's default (tiny 1, i2vgen-xl 9, svd 3,
@@ -85,17 +86,21 @@ class GeneratorConfig:
                     f"generator.block_out_channels={list(self.block_out_channels)}: the spatio-temporal UNet "
                     f"uses GroupNorm(32), so every width must be a multiple of 32"
                 )
-            stride = self.patch_size * 2 ** (len(self.block_out_channels) - 1)
-            if self.image_size % stride:
-                raise PandoraError(
-                    f"generator.image_size={self.image_size} must be a multiple of {stride} "
-                    f"(patch_size x 2^(levels-1)) so every UNet level has a whole number of pixels"
-                )
+            check_size(self.size, self.patch_size * 2 ** (len(self.block_out_channels) - 1), "patch_size x 2^(levels-1)")
 
     @property
     def size(self) -> tuple[int, int]:
         """(height, width) of every frame."""
-        return self.image_size, self.image_size
+        return self.height, self.width
+
+
+def check_size(size: tuple[int, int], multiple: int, why: str) -> None:
+    """Frames must divide evenly down to the backbone's coarsest level."""
+    if min(size) < 1 or size[0] % multiple or size[1] % multiple:
+        raise PandoraError(
+            f"generator.height x generator.width = {size[0]}x{size[1]}: both must be multiples of {multiple} "
+            f"({why}) so every level has a whole number of positions"
+        )
 
 
 def infer_family(folder: Path) -> str:

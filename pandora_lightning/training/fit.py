@@ -30,7 +30,7 @@ def train_loader(recipe: TrainingRecipe, text_kind: str) -> ShardLoader:
     gen = recipe.model.generator
     manifest = load_manifest(recipe.data.manifest, allow_commands=recipe.data.allow_commands)
     check_text_kind(manifest, recipe.data.split, text_kind, gen.cond_frames)
-    return training_loader(manifest, recipe.data, text_kind, gen.frames, gen.cond_frames, gen.image_size, recipe.seed)
+    return training_loader(manifest, recipe.data, text_kind, gen.frames, gen.cond_frames, gen.size, recipe.seed)
 
 
 def _logger(recipe: TrainingRecipe, run_dir: Path):

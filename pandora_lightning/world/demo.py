@@ -84,7 +84,7 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     manifest = load_manifest(MANIFEST)
     results = {}
     for split, per_domain in (QUICK if quick else SCORED).items():
-        episodes = load_episodes(manifest, split, per_domain, model.cfg.generator.image_size)
+        episodes = load_episodes(manifest, split, per_domain, model.cfg.generator.size)
         suite = MetricSuite(episodes, model.cond_frames, model.new_frames, plugins=[WORLD_METRICS])
         run_episodes(model, episodes, suite, batch_size=32, media_dir=run_dir / "rollouts", name=split)
         results[split] = split_summary(suite.report())
