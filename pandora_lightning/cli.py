@@ -23,7 +23,8 @@ def _fit(args) -> None:
 def _generate(args) -> None:
     from pandora_lightning.inference.generate import generate
 
-    video, sheet = generate(args.checkpoint, args.image, args.actions, Path(args.out), args.seed, args.scale, args.adapter)
+    video, sheet = generate(args.checkpoint, args.image, args.actions, Path(args.out), args.seed, args.scale, args.adapter,
+                            args.device, args.precision)
     print(f"wrote {video} and {sheet}")
 
 
@@ -153,7 +154,7 @@ def _score(args) -> None:
     if len(checkpoints) > 1 and not args.compare:
         raise PandoraError(f"score takes one checkpoint, got {checkpoints} (before/after an adapter: score --compare BASE ADAPTER)")
     flags = ("manifest", "splits", "per_domain", "batch_size", "seed", "fvd_detector", "fvd_feature_dim", "clip_model", "out",
-             "save_videos", "num_inference_steps", "allow_commands", "adapter")
+             "save_videos", "num_inference_steps", "allow_commands", "adapter", "device", "precision")
     values = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if checkpoints:
         values["checkpoint"] = checkpoints[0]
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(runs/<name>/adapt/NAME beside the checkpoint's run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the written video")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed, bf16-true (default: the checkpoint's training precision)")
     p.set_defaults(run=_generate)
 
     p = verbs.add_parser("shards", help="write WebDataset shards")

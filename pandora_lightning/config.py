@@ -29,6 +29,18 @@ def _nearest_keys(err: ConfigKeyError) -> str:
     return f"unknown key '{err.full_key or key}' ({hint})"
 
 
+def _still_missing(layers: list) -> list[str]:
+    """Keys a layer marks `???` (a value only the user can give, such as a local folder) that no later
+    layer sets. OmegaConf's merge keeps the earlier value over `???`, so it cannot tell by itself."""
+    missing = []
+    for i, layer in enumerate(layers):
+        for key in OmegaConf.missing_keys(layer):
+            later = (OmegaConf.select(later, key, default=None, throw_on_missing=False) for later in layers[i + 1 :])
+            if not any(value is not None and value != "???" for value in later):
+                missing.append(key)
+    return sorted(missing)
+
+
 def load_structured(schema_cls: type[T], sources: list[Any], what: str) -> T:
     """Merge `sources` (YAML paths, dicts, or "key=value" lists) onto the schema and build the dataclass."""
     schema = OmegaConf.structured(schema_cls)
@@ -53,6 +65,12 @@ def load_structured(schema_cls: type[T], sources: list[Any], what: str) -> T:
             layers.append(OmegaConf.from_dotlist(src))
         else:
             layers.append(OmegaConf.create(src))
+    missing = _still_missing(layers)
+    if missing:
+        raise PandoraError(
+            f"{what}: {', '.join(repr(k) for k in missing)} {'is' if len(missing) == 1 else 'are'} required; "
+            f"give {'it' if len(missing) == 1 else 'them'} on the command line as {missing[0]}=..."
+        )
     try:
         merged = OmegaConf.merge(schema, *layers)
         return OmegaConf.to_object(merged)

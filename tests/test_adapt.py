@@ -72,7 +72,7 @@ def test_adapter_is_found_by_name_beside_the_base_run(adapted, tmp_path):
     runs = tmp_path / "runs" / "tiny"
     (runs / "adapt").mkdir(parents=True)
     (runs / "adapt" / "desert").symlink_to(adapted.parents[1], target_is_directory=True)
-    base = runs / "instruct" / "checkpoints" / "final.ckpt"
+    base = runs / "instruct" / "checkpoints" / "final.safetensors"
 
     class Stage:
         stage, model = "adapt", load_stage(adapted).model

@@ -150,7 +150,7 @@ def test_merged_equals_unmerged():
 
 
 def test_adapter_of_another_base_is_refused(tmp_path):
-    save_adapter(adapted(tiny_model(seed=0), lora()), "desert", tmp_path / "a", "runs/x/instruct/checkpoints/final.ckpt")
+    save_adapter(adapted(tiny_model(seed=0), lora()), "desert", tmp_path / "a", "runs/x/instruct/checkpoints/final.safetensors")
     with pytest.raises(PandoraError, match=r"trained on another base llm \(base fingerprint .*runs/x/instruct") as err:
         load_adapter(tiny_model(seed=3), tmp_path / "a")
     assert "\n" not in str(err.value)

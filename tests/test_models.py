@@ -82,7 +82,7 @@ def test_pixel_space_encode_decode_is_exact():
 
 
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local directory.*no hub access"):
+    with pytest.raises(PandoraError, match="not a local directory.*no hub access"):
         LLMBackbone(LLMConfig(pretrained="meta-llama/Llama-2-7b-chat-hf"))
     (tmp_path / "unet").mkdir()
     with pytest.raises(PandoraError, match="cannot tell its family; looked for model_index.json"):

@@ -40,7 +40,7 @@ def test_fit_generate_and_score_at_24x40(shards, tmp_path, capsys):
                  "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "trainer.max_steps=2",
                  "trainer.progress_bar=false", f"model.generator.height={HEIGHT}", f"model.generator.width={WIDTH}",
                  "model.generator.num_inference_steps=2"]) == 0, capsys.readouterr().err
-    ckpt = run / "checkpoints" / "final.ckpt"
+    ckpt = run / "checkpoints" / "final.safetensors"
 
     Image.fromarray(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)).save(tmp_path / "start.png")
     assert main(["generate", str(ckpt), "--image", str(tmp_path / "start.png"), "--actions", "move left", "grow",

@@ -93,8 +93,8 @@ def test_resume_under_ddp_matches_an_uninterrupted_run(world_manifest, tmp_path,
               "trainer.devices=2", "trainer.strategy=ddp_fork_find_unused_parameters_true", "trainer.logger=none"]
     train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "straight", "trainer.max_steps=4", *common))
     train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "stopped", "trainer.max_steps=2", *common))
-    # The ranks' checkpoint, not final.ckpt: with the fork launcher that one is written by the process that
-    # never trained, so its loops and data position are still at step 0 (see pandora_lightning/data/loader.py).
+    # The ranks' checkpoint: with the fork launcher the process that called fit never trained, and the model
+    # file it writes holds no loop or data state (see pandora_lightning/data/loader.py).
     last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     stopped = load_checkpoint_file(last)
     assert stopped["global_step"] == 2

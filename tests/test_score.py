@@ -18,7 +18,7 @@ from pandora_lightning.evaluation.score import run_score
 from pandora_lightning.evaluation.loop import load_episodes, run_episodes
 from pandora_lightning.evaluation.suite import MetricSuite
 from pandora_lightning.world.metrics import WORLD_METRICS
-from pandora_lightning.training.checkpoint import load_stage
+from pandora_lightning.training.checkpoint import load_checkpoint_file, load_stage
 from pandora_lightning.recipe import score_callbacks
 from pandora_lightning.training.fit import fit
 from pandora_lightning.world import DOMAINS, ObjectState, parse_action, render_states, simulate, valid_actions
@@ -133,7 +133,7 @@ def test_demo_evaluation_uses_the_metric(align_checkpoint, world_manifest, tmp_p
 
 
 def _modified_checkpoint(source, path, **meta):
-    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(source)  # the model file, as a checkpoint dict
     ckpt["hyper_parameters"].update(meta)
     torch.save(ckpt, path)
     return str(path)

@@ -134,6 +134,6 @@ def test_corrupt_data_past_the_limit_writes_a_checkpoint_and_stops_with_one_line
     assert message.startswith("stopped at step ") and "\n" not in message
     assert "corrupt samples among" in message and "data.max_bad_fraction=0.1" in message and "not-a-video" not in message
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    assert not (tmp_path / "run" / "checkpoints" / "final.ckpt").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "final.safetensors").exists()
     step = int(message.split()[3].rstrip(":"))
     assert step < 50

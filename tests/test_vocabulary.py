@@ -10,7 +10,7 @@ import webdataset as wds
 from pandora_lightning.data.dataset import split_texts
 from pandora_lightning.data.manifest import load_manifest, write_manifest
 from pandora_lightning.inference.rollout import rollout
-from pandora_lightning.training.checkpoint import load_stage
+from pandora_lightning.training.checkpoint import load_checkpoint_file, load_stage
 from pandora_lightning.training.fit import fit
 from pandora_lightning.training.vocabulary import read_vocabulary_file, unknown_words
 from pandora_lightning.world.vocabulary import world_vocabulary
@@ -57,7 +57,7 @@ def test_user_texts_train_with_their_own_stored_vocabulary(world_manifest, tmp_p
     with caplog.at_level(logging.WARNING, logger="pandora_lightning"):
         checkpoint = fit(tiny_recipe("align", manifest, tmp_path / "own-words", "vocabulary=null"))
     assert not [r for r in caplog.records if "vocabulary" in r.message]
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]["vocabulary"]
+    stored = load_checkpoint_file(checkpoint)["hyper_parameters"]["vocabulary"]
     assert {"cup", "shelf", "kettle", "puddle"} <= set(stored) and not unknown_words(stored, texts)
     tokenizer = load_stage(checkpoint).model.llm.tokenizer
     assert tokenizer.unk_token_id not in tokenizer(KITCHEN["move_left"]).input_ids

@@ -14,7 +14,7 @@ leaves it as it is (no sampler injection), and:
   robin of the DataLoader continues with the worker an uninterrupted run would use next.
 The global random state (diffusion noise) is saved and restored by `monitor.RandomState`. With the
 spawn/fork DDP launchers the process that called `fit` never trains, so resume from the checkpoints
-the ranks write (`checkpoints/last.ckpt`), not from the `final.ckpt` that process writes afterwards.
+the ranks write (`checkpoints/last.ckpt`); the model file `final.safetensors` holds no training state.
 """
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ class ScoreCallback(L.Callback):
         # fork_rng: scoring must not shift the training run's random stream.
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            # the Trainer's autocast: frozen parts are in the compute dtype under *-mixed precisions
+            with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
                 run_episodes(model, self.episodes, suite, self.cfg.batch_size, self.cfg.seed)
         finally:
             pl_module.train(was_training)

@@ -45,6 +45,8 @@ class ScoreConfig:
     # An adapter to run on the checkpoint: an adapter folder, or the name of an adapt run beside the
     # checkpoint's run (runs/<name>/adapt/<adapter>); null = the checkpoint as it is.
     adapter: str | None = None
+    device: str | None = None  # cpu, cuda, cuda:N; null = a GPU when there is one
+    precision: str | None = None  # 32-true, bf16-mixed, 16-mixed, ...; null = the checkpoint's training precision
 
     def __post_init__(self):
         if self.per_domain < 0 or self.batch_size < 1 or self.fvd_feature_dim < 1 or (self.num_inference_steps or 1) < 1:

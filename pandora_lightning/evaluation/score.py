@@ -27,6 +27,7 @@ from pandora_lightning.evaluation.suite import Episode, EpisodeMetrics, MetricSu
 from pandora_lightning.training.adapters import attach_adapters
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.lora import use_adapter
+from pandora_lightning.training.precision import autocast, resolve_device
 
 
 TRAINING_SPLITS = ("train", "adapt")
@@ -74,7 +75,8 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     if cfg.manifest:  # the cheap checks first, before the model loads
         manifest = load_manifest(cfg.manifest, allow_commands=cfg.allow_commands)
         splits = held_out_splits(manifest, list(cfg.splits))
-    module = load_stage(cfg.checkpoint)
+    device = resolve_device(cfg.device)
+    module = load_stage(cfg.checkpoint, device, cfg.precision)
     model = module.model
     adapters = attach_adapters(module, cfg.checkpoint, [cfg.adapter] if cfg.adapter else [])
     if adapters:
@@ -94,7 +96,8 @@ def run_score(cfg: ScoreConfig, plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     results = {}
     for split in splits:
         t0 = time.time()
-        results[split] = score_split(model, episodes[split], cfg, weights, out_dir if cfg.save_videos else None, split, plugins)
+        with autocast(module.recipe.trainer.precision, device):
+            results[split] = score_split(model, episodes[split], cfg, weights, out_dir if cfg.save_videos else None, split, plugins)
         results[split]["seconds"] = round(time.time() - t0, 1)
     skipped = {}
     for res in results.values():

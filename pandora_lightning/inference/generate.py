@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -15,6 +16,7 @@ from pandora_lightning.models.world_model import WorldModel
 from pandora_lightning.training.adapters import attach_adapters
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.lora import use_adapter
+from pandora_lightning.training.precision import autocast, resolve_device
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -37,9 +39,12 @@ def read_start_image(path: str | Path, size: tuple[int, int], image: np.ndarray 
     return image
 
 
-def load_model(checkpoint: str | Path, adapter: str | None = None) -> WorldModel:
-    """The checkpoint's model in eval mode, with `adapter` (a folder or an adapt run's name) running on it."""
-    module = load_stage(checkpoint)
+def load_model(
+    checkpoint: str | Path, adapter: str | None = None, device: str | torch.device = "cpu", precision: str | None = None
+) -> WorldModel:
+    """The checkpoint's model in eval mode on `device` in `precision`, with `adapter` (a folder or an adapt
+    run's name) running on it."""
+    module = load_stage(checkpoint, device, precision)
     if adapter:
         use_adapter(module.model, attach_adapters(module, checkpoint, [adapter])[0])
     return module.model
@@ -47,20 +52,23 @@ def load_model(checkpoint: str | Path, adapter: str | None = None) -> WorldModel
 
 def generate(
     checkpoint: str | Path, image: str | Path, actions: list[str], out_dir: Path, seed: int = 0, scale: int = 4,
-    adapter: str | None = None,
+    adapter: str | None = None, device: str | None = None, precision: str | None = None,
 ) -> tuple[Path, Path]:
+    """`device`: None = a GPU when there is one; `precision`: None = the checkpoint's training precision."""
     actions = [a.strip() for a in actions if a.strip()]
     if not actions:
         raise PandoraError("--actions is empty: give one action text per round, e.g. --actions 'move left' 'grow'")
     if scale < 1:
         raise PandoraError(f"--scale {scale}: the upscale of the written video must be >= 1")
     picture = read_image(image)  # the cheap checks first, before the model loads
-    model = load_model(checkpoint, adapter)
+    where = resolve_device(device)
+    model = load_model(checkpoint, adapter, where, precision)
     cfg = model.cfg.generator
     start = read_start_image(image, cfg.size, picture)
-    episode = Rollout(model, from_numpy(start)[None], seed=seed)
-    for action in tqdm(actions, desc="generate", unit="round"):
-        episode.step([action])
+    episode = Rollout(model, from_numpy(start)[None].to(where), seed=seed)
+    with autocast(model.precision, where):
+        for action in tqdm(actions, desc="generate", unit="round"):
+            episode.step([action])
     video = to_numpy(episode.video)[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path, sheet_path = out_dir / "rollout.mp4", out_dir / "rollout.png"

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from pandora_lightning.models.loading import local_dir
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.models.loading import LoadOptions, check_weights, load_tokenizer, local_dir, read_config
 from pandora_lightning.models.tokenizer import build_word_tokenizer
 
 
@@ -29,44 +31,65 @@ class LLMConfig:
         if self.initializer_range is None:
             self.initializer_range = self.hidden_size**-0.5
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"llm.hidden_size={self.hidden_size} is not divisible by llm.num_heads={self.num_heads}")
+            raise PandoraError(f"llm.hidden_size={self.hidden_size} is not divisible by llm.num_heads={self.num_heads}")
         if self.num_query_tokens < 1 or self.max_text_tokens < 1:
-            raise ValueError("llm.num_query_tokens and llm.max_text_tokens must be >= 1")
+            raise PandoraError("llm.num_query_tokens and llm.max_text_tokens must be >= 1")
+
+
+def _from_dir(path: str, load: LoadOptions) -> tuple[nn.Module, object]:
+    """A causal LM (weights, or its config only) and its tokenizer from a local folder."""
+    folder = local_dir(path, "llm")
+    config = read_config(folder)
+    model_type, arch = config.get("model_type", "?"), (config.get("architectures") or ["?"])[0]
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise PandoraError(
+            f"llm: '{folder}' holds a '{model_type}' model ({arch}); expected a causal language model such as "
+            f"LlamaForCausalLM (model_type llama, mistral, qwen2, ...)"
+        )
+    tokenizer = load_tokenizer(folder, "llm", load)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if check_weights(folder, "llm", load):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=load.dtype), tokenizer
+    with load.device():
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=load.dtype), tokenizer
 
 
 class LLMBackbone(nn.Module):
     """(B, V, D) state embeddings + B texts -> (B, Q, D) last hidden states at the query tokens."""
 
-    def __init__(self, cfg: LLMConfig, vocabulary: Iterable[str] = ()):
+    def __init__(self, cfg: LLMConfig, vocabulary: Iterable[str] = (), load: LoadOptions = LoadOptions()):
         super().__init__()
         self.cfg = cfg
+        self.pretrained: dict[str, str] = {}  # submodule -> the folder its weights were read from
         if cfg.pretrained:
-            folder = local_dir(cfg.pretrained, "llm")
-            self.model = AutoModelForCausalLM.from_pretrained(folder)
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+            self.model, self.tokenizer = _from_dir(cfg.pretrained, load)
+            if load.read_weights:
+                self.pretrained["model"] = cfg.pretrained
         else:
             self.tokenizer = build_word_tokenizer(vocabulary)
-            self.model = LlamaForCausalLM(
-                LlamaConfig(
-                    vocab_size=len(self.tokenizer),
-                    hidden_size=cfg.hidden_size,
-                    intermediate_size=cfg.intermediate_size,
-                    num_hidden_layers=cfg.num_layers,
-                    num_attention_heads=cfg.num_heads,
-                    num_key_value_heads=cfg.num_heads,
-                    max_position_embeddings=256,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    initializer_range=cfg.initializer_range,
+            with load.device():
+                self.model = LlamaForCausalLM(
+                    LlamaConfig(
+                        vocab_size=len(self.tokenizer),
+                        hidden_size=cfg.hidden_size,
+                        intermediate_size=cfg.intermediate_size,
+                        num_hidden_layers=cfg.num_layers,
+                        num_attention_heads=cfg.num_heads,
+                        num_key_value_heads=cfg.num_heads,
+                        max_position_embeddings=256,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        initializer_range=cfg.initializer_range,
+                    )
                 )
-            )
-        self.tokenizer.truncation_side = "left"
+        if self.tokenizer is not None:
+            self.tokenizer.truncation_side = "left"
         self.hidden_size = self.model.config.hidden_size
         # Zero-initialised queries start as pure readers of the prompt: their hidden states are
         # then all attention output (text and state), not their own embedding; RoPE positions
         # keep them apart until training separates them.
-        self.query_tokens = nn.Parameter(torch.zeros(cfg.num_query_tokens, self.hidden_size))
+        with load.device():
+            self.query_tokens = nn.Parameter(torch.zeros(cfg.num_query_tokens, self.hidden_size))
 
     def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from pandora_lightning.models.loading import local_dir
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.models.loading import LoadOptions, check_weights, load_tokenizer, local_dir, read_config
 from pandora_lightning.models.tokenizer import build_word_tokenizer
 
 
@@ -37,36 +38,51 @@ class TextEncoderConfig:
 class TextEncoder(nn.Module):
     """B texts -> (B, N, D): last hidden states of the text padded or truncated to N tokens."""
 
-    def __init__(self, cfg: TextEncoderConfig, num_tokens: int, width: int, vocabulary: Iterable[str] = ()):
+    def __init__(
+        self, cfg: TextEncoderConfig, num_tokens: int, width: int, vocabulary: Iterable[str] = (), load: LoadOptions = LoadOptions()
+    ):
         super().__init__()
         self.num_tokens = num_tokens
+        self.pretrained: dict[str, str] = {}  # submodule -> the folder its weights were read from
         if cfg.pretrained:
             folder = local_dir(cfg.pretrained, "text_encoder")
-            self.model = CLIPTextModel.from_pretrained(folder)
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            model_type = read_config(folder).get("model_type", "?")
+            if model_type not in ("clip_text_model", "clip"):
+                raise PandoraError(
+                    f"text_encoder: '{folder}' holds a '{model_type}' model; expected a CLIP text model "
+                    f"(model_type clip_text_model, or a whole clip model)"
+                )
+            self.tokenizer = load_tokenizer(folder, "text_encoder", load)
+            if check_weights(folder, "text_encoder", load):
+                self.model = CLIPTextModel.from_pretrained(folder, dtype=load.dtype)
+                self.pretrained["model"] = cfg.pretrained
+            else:
+                with load.device():
+                    self.model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
         else:
             self.tokenizer = build_word_tokenizer(vocabulary)
-            self.model = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(self.tokenizer),
-                    hidden_size=width,
-                    intermediate_size=cfg.intermediate_size,
-                    num_hidden_layers=cfg.num_layers,
-                    num_attention_heads=cfg.num_heads,
-                    max_position_embeddings=num_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    bos_token_id=self.tokenizer.bos_token_id,
-                    eos_token_id=self.tokenizer.pad_token_id,
-                    initializer_factor=cfg.initializer_factor,
+            with load.device():
+                self.model = CLIPTextModel(
+                    CLIPTextConfig(
+                        vocab_size=len(self.tokenizer),
+                        hidden_size=width,
+                        intermediate_size=cfg.intermediate_size,
+                        num_hidden_layers=cfg.num_layers,
+                        num_attention_heads=cfg.num_heads,
+                        max_position_embeddings=num_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        bos_token_id=self.tokenizer.bos_token_id,
+                        eos_token_id=self.tokenizer.pad_token_id,
+                        initializer_factor=cfg.initializer_factor,
+                    )
                 )
-            )
         if self.model.config.hidden_size != width:
-            raise ValueError(
+            raise PandoraError(
                 f"text_encoder '{cfg.pretrained}' gives {self.model.config.hidden_size}-wide embeddings but the "
                 f"generator's cross-attention takes {width}; use the text encoder the generator was trained with"
             )
         if self.model.config.max_position_embeddings < num_tokens:
-            raise ValueError(
+            raise PandoraError(
                 f"text_encoder takes at most {self.model.config.max_position_embeddings} tokens but "
                 f"output_adapter.num_queries={num_tokens}; set num_queries to at most that"
             )

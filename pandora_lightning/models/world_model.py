@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.generator import GeneratorConfig, build_generator
 from pandora_lightning.models.input_adapter import InputAdapter, InputAdapterConfig
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
+from pandora_lightning.models.loading import LoadOptions
 from pandora_lightning.models.output_adapter import OutputAdapter, OutputAdapterConfig
 from pandora_lightning.models.text_encoder import TextEncoder, TextEncoderConfig
 from pandora_lightning.models.vision_encoder import VisionEncoder, VisionEncoderConfig
@@ -24,26 +26,51 @@ class WorldModelConfig:
     output_adapter: OutputAdapterConfig = field(default_factory=OutputAdapterConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # pretrained: every `pretrained` folder must hold weights; random: folders may hold only their
+    # config and every component gets random weights (to plan and benchmark a real-size model).
+    weights: str = "pretrained"
+
+    def __post_init__(self):
+        if self.weights not in ("pretrained", "random"):
+            raise PandoraError(f"model.weights='{self.weights}' is unknown; use pretrained or random")
+
+
+def generator_parts(generator: nn.Module, folder: str | None, load: LoadOptions) -> dict[str, str]:
+    """A family generator's parts read from its diffusers folder: each child saved in a subfolder of its name."""
+    if not folder or not load.read_weights:
+        return {}
+    root = Path(folder).expanduser()
+    return {name: str(root / name) for name, _ in generator.named_children() if (root / name / "config.json").is_file()}
 
 
 class WorldModel(nn.Module):
     """Composes the components; owns no training logic. Frames are (B, T, 3, H, W) in [-1, 1]."""
 
-    def __init__(self, cfg: WorldModelConfig, vocabulary: Iterable[str] = ()):
+    def __init__(
+        self, cfg: WorldModelConfig, vocabulary: Iterable[str] = (), dtype: torch.dtype = torch.float32, meta: bool = False
+    ):
         """`vocabulary`: the words of the tiny word-level tokenizers (used only by components built
-        without a pretrained folder, which bring their own tokenizer)."""
+        without a pretrained folder, which bring their own tokenizer). `dtype`: the dtype pretrained
+        weights are read in (components built here start in float32). `meta`: build everything on
+        the meta device from configs alone (no weights read, no memory): to count and plan."""
         super().__init__()
         self.cfg = cfg
         self.vocabulary = list(vocabulary)
-        self.vision = VisionEncoder(cfg.vision)
-        self.llm = LLMBackbone(cfg.llm, self.vocabulary)
-        self.input_adapter = InputAdapter(cfg.input_adapter, self.vision.hidden_size, self.llm.hidden_size)
-        self.generator = build_generator(cfg.generator)
+        self.load = load = LoadOptions(weights=cfg.weights == "pretrained", meta=meta, dtype=dtype)
+        self.vision = VisionEncoder(cfg.vision, load)
+        self.llm = LLMBackbone(cfg.llm, self.vocabulary, load)
+        with load.device():
+            self.input_adapter = InputAdapter(cfg.input_adapter, self.vision.hidden_size, self.llm.hidden_size)
+        self.generator = build_generator(cfg.generator, load.init, dtype)
+        self.generator.pretrained = generator_parts(self.generator, cfg.generator.pretrained, load)
         self._check_context(cfg)
-        self.output_adapter = OutputAdapter(cfg.output_adapter, self.llm.hidden_size, self.generator.context_dim)
+        with load.device():
+            self.output_adapter = OutputAdapter(cfg.output_adapter, self.llm.hidden_size, self.generator.context_dim)
         self.text_encoder = None
         if cfg.text_encoder.enabled:
             self.text_encoder = self._teacher(cfg)
+        if meta:  # a few parameters are made with legacy constructors that ignore the device context
+            self.to("meta")
 
     def _check_context(self, cfg: WorldModelConfig) -> None:
         """The output adapter must produce what the generator's cross-attention takes."""
@@ -64,20 +91,45 @@ class WorldModel(nn.Module):
         """The generator's own text encoder: from text_encoder.pretrained, else the generator's folder, else tiny."""
         gen, tokens = self.generator, cfg.output_adapter.num_queries
         if cfg.text_encoder.pretrained or gen.family == "tiny":
-            return TextEncoder(cfg.text_encoder, tokens, gen.context_dim, self.vocabulary)
+            return TextEncoder(cfg.text_encoder, tokens, gen.context_dim, self.vocabulary, self.load)
         if not gen.has_text_teacher:
             raise PandoraError(
                 f"generator family {gen.family} has no text encoder to distill from (its cross-attention took a CLIP "
                 f"image embedding): set model.text_encoder.enabled=false, loss.distill_weight=0 and loss.context=adapter "
                 f"(the align stage then trains with the diffusion loss alone)"
             )
-        teacher = gen.teacher(tokens)
+        teacher = gen.teacher(tokens, self.load.init, self.load.dtype)
+        if self.load.read_weights:
+            teacher.pretrained = {"model": str(Path(cfg.generator.pretrained).expanduser() / "text_encoder")}
         if teacher.width != gen.context_dim:
             raise PandoraError(
                 f"generator '{cfg.generator.pretrained}': text_encoder/ gives {teacher.width}-wide embeddings but the "
                 f"cross-attention takes {gen.context_dim} ({gen.context_key})"
             )
         return teacher
+
+    def pretrained_modules(self) -> dict[str, str]:
+        """Module name -> the local folder its weights were read from (checkpoints leave these out)."""
+        out = {}
+        for name, component in self.named_children():
+            for sub, folder in getattr(component, "pretrained", {}).items():
+                out[f"{name}.{sub}" if sub else name] = folder
+        return out
+
+    def provided_keys(self) -> set[str]:
+        """State-dict keys whose values a pretrained folder provides: all of those modules' tensors
+        except LoRA layers (which no folder holds)."""
+        prefixes = tuple(f"{m}." for m in self.pretrained_modules())
+        return {k for k in self.state_dict(keep_vars=True) if k.startswith(prefixes) and "lora_" not in k}
+
+    def component_sizes(self) -> dict[str, int]:
+        """Parameters per component (vision.tower, llm.model, llm.query_tokens, input_adapter, ...)."""
+        sizes: dict[str, int] = {}
+        for name, param in self.named_parameters():
+            parts = name.split(".")
+            key = ".".join(parts[:2]) if parts[0] in ("llm", "generator", "vision", "text_encoder") else parts[0]
+            sizes[key] = sizes.get(key, 0) + param.numel()
+        return sizes
 
     @property
     def cond_frames(self) -> int:
@@ -91,7 +143,7 @@ class WorldModel(nn.Module):
         """given (B, Tc, 3, H, W) + B texts -> generator context (B, N, Dctx): vision encoder ->
         input adapter -> LLM -> output adapter. The generator's `forward` is its training pair (prediction, target)."""
         b, t = given.shape[:2]
-        patches = self.vision(given.flatten(0, 1))
+        patches = self.vision(given.flatten(0, 1))  # (B * Tc, gh, gw, Dv)
         state = self.input_adapter(patches.unflatten(0, (b, t)))
         return self.output_adapter(self.llm(state, texts))
 

@@ -1,31 +1,51 @@
-"""Checkpoints of the stages: read one safely, rebuild the stage it came from, or start from its weights."""
+"""Checkpoints of the stages: read one safely, rebuild the stage it came from, or start from its weights.
+
+Two kinds of file, both holding only what training produced (see `training.model_file`): Lightning's
+resume checkpoints (`last.ckpt`, ...: + optimizer, loop and data state), read with
+`torch.load(weights_only=True)`, and the model file `final.safetensors`. A pickle that would build
+any object other than tensors and plain containers is refused, never run.
+"""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
 from pandora_lightning import __version__
 from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, read_model_file
+from pandora_lightning.training.precision import check_precision, reconcile_dtypes
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """Read a pandora-lightning checkpoint, or raise an error that names the file and the problem."""
+    """A checkpoint as {"state_dict", "hyper_parameters", "fingerprints", ...}, or one line naming the problem."""
     path = Path(path)
     if not path.is_file():
         raise PandoraError(f"checkpoint '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        return read_model_file(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = str(err).split("GLOBAL ", 1)[-1].split(" ", 1)[0] if "GLOBAL" in str(err) else "pickle code"
+        raise PandoraError(
+            f"checkpoint '{path}' holds Python objects besides tensors and plain containers ({refused}); it is refused "
+            f"because unpickling it could run code. Only load files you trust, and convert them to safetensors"
+        ) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise PandoraError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "recipe" not in ckpt.get("hyper_parameters", {}):
         raise PandoraError(f"checkpoint '{path}' is not a pandora-lightning stage checkpoint (no recipe inside)")
+    ckpt.setdefault("fingerprints", {})
     return ckpt
 
 
-def load_stage(path: str | Path) -> WorldModelStage:
-    """Rebuild the stage module a checkpoint was trained with and load its weights (on CPU, eval mode)."""
+def load_stage(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None) -> WorldModelStage:
+    """Rebuild the stage module a checkpoint was trained with, from its recipe's pretrained folders
+    (checked against their fingerprints) plus the checkpoint's tensors; on `device`, in `precision`
+    (default: the recipe's `trainer.precision`), eval mode."""
     ckpt = load_checkpoint_file(path)
     meta = ckpt["hyper_parameters"]
     if meta.get("stage") not in STAGES:
@@ -37,12 +57,17 @@ def load_stage(path: str | Path) -> WorldModelStage:
             f"checkpoint '{path}' was written by pandora-lightning {version}; this is {__version__}, which reads "
             f"checkpoints of {'.'.join(__version__.split('.')[:2])}.x only"
         )
-    module = STAGES[meta["stage"]](meta["recipe"], stored_vocabulary(ckpt, path))
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise PandoraError(f"checkpoint '{path}' does not match its own recipe's model: {str(err).splitlines()[0]}") from None
-    return module.eval()
+    check_fingerprints(ckpt["fingerprints"], f"checkpoint '{path}'")
+    recipe = dict(meta["recipe"])
+    if precision is not None:
+        recipe["trainer"] = {**recipe.get("trainer", {}), "precision": check_precision(precision)}
+    module = STAGES[meta["stage"]](recipe, stored_vocabulary(ckpt, path))
+    state = {key.removeprefix("model."): value for key, value in ckpt["state_dict"].items()}
+    check_saved_state(module.model, state, f"checkpoint '{path}'")
+    module.model.load_state_dict(state, strict=False)
+    reconcile_dtypes(module.model, module.recipe.trainer.precision)
+    module.model.precision = module.recipe.trainer.precision  # what rollouts outside a Trainer autocast to
+    return module.to(device).eval()
 
 
 def stored_vocabulary(ckpt: dict, path: str | Path) -> list[str]:
@@ -56,12 +81,15 @@ def stored_vocabulary(ckpt: dict, path: str | Path) -> list[str]:
 def init_from(module: WorldModelStage, path: str | Path) -> None:
     """Start `module` from another checkpoint's model weights (instruct <- align); LoRA layers may be new."""
     ckpt = load_checkpoint_file(path)
+    check_fingerprints(ckpt["fingerprints"], f"checkpoint '{path}'")
     state = {key.removeprefix("model."): value for key, value in ckpt["state_dict"].items()}
     load_state_into(module, state, f"checkpoint '{path}' (stage {ckpt['hyper_parameters'].get('stage')})")
 
 
 def load_state_into(module: WorldModelStage, state: dict, what: str) -> None:
-    """Load WorldModel weights `state` into `module.model`; its LoRA layers (absent from `state`) stay as built."""
+    """Load WorldModel weights `state` into `module.model`; its LoRA layers (absent from `state`) stay as built.
+
+    `state` may hold every tensor or only what a checkpoint keeps (the rest comes from the folders)."""
     own = set(module.model.state_dict())
     mapped = {}
     for key, value in state.items():
@@ -69,10 +97,6 @@ def load_state_into(module: WorldModelStage, state: dict, what: str) -> None:
         head, _, leaf = key.rpartition(".")
         lora_key = f"{head}.base_layer.{leaf}"
         mapped[lora_key if key not in own and lora_key in own else key] = value
-    missing, unexpected = module.model.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if "lora_" not in k]
-    if missing or unexpected:
-        raise PandoraError(
-            f"{what} does not match this recipe's model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
+    check_saved_state(module.model, mapped, what, start=True)
+    module.model.load_state_dict(mapped, strict=False)
+    reconcile_dtypes(module.model, module.recipe.trainer.precision)

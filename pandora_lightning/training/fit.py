@@ -18,9 +18,10 @@ from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
-from pandora_lightning.training.checkpoint import init_from
+from pandora_lightning.training.checkpoint import init_from, load_checkpoint_file
 from pandora_lightning.training.recipe import TrainingRecipe
 from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
+from pandora_lightning.training.model_file import write_model_file
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary, training_texts, warn_unknown_words
 
@@ -84,6 +85,10 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
     if recipe.stage == "adapt":
         recipe = with_base_model(recipe)
     run_dir = Path(recipe.run_dir)
+    if recipe.trainer.resume_from:  # refused in one line before anything is built (a pickle that would run code, ...)
+        resume = run_dir / "checkpoints" / "last.ckpt" if recipe.trainer.resume_from == "last" else recipe.trainer.resume_from
+        if Path(resume).is_file():
+            load_checkpoint_file(resume)
     stage_cls = STAGES[recipe.stage]
     check_resume(run_dir, recipe.trainer.resume_from)  # the cheap checks first, before the model loads
     loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
@@ -110,7 +115,7 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(recipe), run_dir / "recipe.yaml")
         (run_dir / "trainable.txt").write_text("\n".join(module.trainable_names) + "\n")
-    trainer.fit(module, loader, ckpt_path=recipe.trainer.resume_from)
+    trainer.fit(module, loader, ckpt_path=recipe.trainer.resume_from, weights_only=True)
     monitor = next(c for c in trainer.callbacks if isinstance(c, DataMonitor))
     if monitor.stop_reason:
         raise PandoraError(
@@ -118,6 +123,9 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
             f"`pandora-lightning shards verify {recipe.data.manifest}`, fix or drop them (or raise the limit), then "
             f"resume with trainer.resume_from=last"
         )
-    final = run_dir / "checkpoints" / "final.ckpt"
-    trainer.save_checkpoint(final)
+    # The model file: trained tensors + recipe + folder fingerprints (no optimizer state), what
+    # generate, score, export and init_from read.
+    final = run_dir / "checkpoints" / "final.safetensors"
+    if trainer.is_global_zero:
+        write_model_file(final, module.model, dict(module.hparams))
     return final

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pandora_lightning.config import load_structured
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.models.world_model import WorldModelConfig
+from pandora_lightning.training.precision import check_precision
 
 STAGE_NAMES = ("align", "instruct", "adapt")
 
@@ -111,6 +112,7 @@ class TrainerConfig:
     resume_from: str | None = None
 
     def __post_init__(self):
+        check_precision(self.precision)
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps={self.max_steps} must be >= 1 (Lightning's -1, 'no limit', is not a recipe value)")
         if self.logger not in ("csv", "tensorboard", "none"):

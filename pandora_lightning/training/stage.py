@@ -14,6 +14,8 @@ from pandora_lightning.config import to_dict
 from pandora_lightning.data.frames import to_model_range
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.world_model import WorldModel
+from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, fingerprints, saved_keys
+from pandora_lightning.training.precision import compute_dtype, reconcile_dtypes
 from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
 from pandora_lightning.training.lora import add_lora
 from pandora_lightning.training.trainable import frozen_children, set_trainable, trainable_table
@@ -36,10 +38,15 @@ class WorldModelStage(L.LightningModule):
         self.save_hyperparameters(
             {"recipe": to_dict(self.recipe), "stage": self.stage, "version": __version__, "vocabulary": list(vocabulary)}
         )
-        self.model = WorldModel(self.recipe.model, vocabulary)
+        precision = self.recipe.trainer.precision
+        self.model = WorldModel(self.recipe.model, vocabulary, dtype=compute_dtype(precision))
         self.lora_layers = add_lora(self.model, self.recipe.lora)
         self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
+        reconcile_dtypes(self.model, precision)
         self._frozen = frozen_children(self.model)
+        # Checkpoints hold only what a folder does not provide (see on_save_checkpoint); the check
+        # that a resume file holds all of it is on_load_checkpoint's.
+        self.strict_loading = False
 
     @classmethod
     def from_recipe(cls, recipe: TrainingRecipe, vocabulary: list[str] | None = None) -> WorldModelStage:
@@ -60,6 +67,16 @@ class WorldModelStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[{self.stage}] trainable / frozen parameters:\n{trainable_table(self.model)}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"model.{k}" for k in saved_keys(self.model)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["fingerprints"] = fingerprints(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_fingerprints(checkpoint.get("fingerprints", {}), "resume checkpoint")
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        check_saved_state(self.model, state, "resume checkpoint")
 
     def diffusion_loss(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """frames (B, T, 3, H, W) in [-1, 1], context (B, N, Dctx) -> MSE on the new frames.

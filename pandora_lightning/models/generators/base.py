@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.loading import local_dir
+from pandora_lightning.models.loading import has_weights, local_dir
 
 INITS = ("weights", "random", "meta")  # load the stored weights | random init from the configs | shapes only
 
@@ -41,6 +41,11 @@ def load_part(folder: Path, sub: str, classes: dict[str, type], init: str = "wei
     if name not in classes:
         raise PandoraError(f"generator {sub}: '{path}' holds a {name}; this family takes {' or '.join(sorted(classes))}")
     cls = classes[name]
+    if init == "weights" and not has_weights(path):
+        raise PandoraError(
+            f"generator {sub}: '{path}' holds a config but no weights (*.safetensors / *.bin); download the weights, "
+            f"or set model.weights=random to build it with random weights (for planning and benchmarks)"
+        )
     if init == "weights":
         return cls.from_pretrained(path, **({"torch_dtype": dtype} if dtype else {}))
     with torch.device("meta" if init == "meta" else "cpu"):
