@@ -129,7 +129,7 @@ def test_fuzz_500_damaged_shards(tmp_path):
             named = {key for _, key, _ in report["corrupt"] + report["lost"]}
             if not damaged <= named:
                 missed.append((number, kind, damaged - named))
-            loader = training_loader(manifest, data, "action", 4, 2, 8, seed=number)
+            loader = training_loader(manifest, data, "action", 4, 2, (8, 8), seed=number)
             batches = iter(loader)
             for _ in range(2):
                 next(batches)
