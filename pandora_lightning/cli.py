@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <run folder>/scores/<checkpoint name>)")
     p.add_argument("--save-videos", action="store_true", default=None, help="also write an mp4 per rollout")
     p.add_argument("--num-inference-steps", type=int, help="sampler steps per round (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed, bf16-true (default: the checkpoint's training precision)")
     p.add_argument("--allow-commands", action="store_true", default=None, help=ALLOW_COMMANDS_HELP)
     p.add_argument("--adapter", help="run a LoRA adapter on the checkpoint (a folder, or an adapt run's name)")
     p.add_argument("--compare", action="store_true",
