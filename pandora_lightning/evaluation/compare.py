@@ -35,7 +35,7 @@ def run_compare(cfg: ScoreConfig, adapters: list[str], plugins: Sequence[Episode
     manifest_path = cfg.manifest or module.recipe.data.manifest
     manifest = load_manifest(manifest_path)
     splits = held_out_splits(manifest, list(cfg.splits))
-    episodes = {s: load_episodes(manifest, s, cfg.per_domain, model.cfg.generator.image_size) for s in splits}
+    episodes = {s: load_episodes(manifest, s, cfg.per_domain, model.cfg.generator.size) for s in splits}
     weights = load_weights(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint).parent / f"compare-{'-'.join(names)}"
     out_dir.mkdir(parents=True, exist_ok=True)
