@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pandora_lightning demo
+	$(PY) -m pandora_lightning demo --overwrite
 
 # The demo trained with 3 seeds: every figure per seed, with mean and spread (about 3x `make demo`).
 demo-seeds: $(STAMP)
