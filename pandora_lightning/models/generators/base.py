@@ -111,6 +111,23 @@ def tile_frames(latents: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return latents.repeat(*reps).narrow(dim, 0, n)
 
 
+class UNetDenoiser:
+    """What the UNet-based generators (tiny, svd, i2vgen-xl) share: the UNet is the denoiser."""
+
+    @property
+    def backbone(self):
+        """The denoiser: what trains (generator.unet.*) and takes LoRA; VAE and encoders stay frozen."""
+        return self.unet
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet.config.cross_attention_dim
+
+    @property
+    def cond_latent_frames(self) -> int:
+        return self.cfg.cond_frames
+
+
 class FamilyGenerator(nn.Module):
     """Base of the pretrained families; subclasses set the class attributes and the methods below."""
 

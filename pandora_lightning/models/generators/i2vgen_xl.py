@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.generators.base import FamilyGenerator, PromptEncoder, clip_pixels, freeze, load_part, read_processor
+from pandora_lightning.models.generators.base import FamilyGenerator, UNetDenoiser, PromptEncoder, clip_pixels, freeze, load_part, read_processor
 
 # peft target modules (module-name suffixes) for LoRA on this family's UNet: spatial ("attentions")
 # and temporal ("temp_attentions", "transformer_in") attention projections.
@@ -38,7 +38,7 @@ def encode_prompt(model, tokenizer, texts: list[str], length: int) -> torch.Tens
     return getattr(model, "text_model", model).final_layer_norm(hidden)  # transformers 5 flattened text_model
 
 
-class I2VGenXLGenerator(FamilyGenerator):
+class I2VGenXLGenerator(UNetDenoiser, FamilyGenerator):
     family = "i2vgen-xl"
     default_steps = 50
     default_guidance = 9.0
@@ -64,19 +64,6 @@ class I2VGenXLGenerator(FamilyGenerator):
         self.check_size(self.scale, "its VAE's downscale")
 
     context_key = "unet/config.json cross_attention_dim"  # where the cross-attention width is set
-
-    @property
-    def backbone(self):
-        """The denoiser: what trains (generator.unet.*) and takes LoRA; VAE and encoders stay frozen."""
-        return self.unet
-
-    @property
-    def context_dim(self) -> int:
-        return self.unet.config.cross_attention_dim
-
-    @property
-    def cond_latent_frames(self) -> int:
-        return self.cfg.cond_frames
 
     def teacher(self, length: int, init: str = "weights", dtype: torch.dtype | None = None) -> PromptEncoder:
         """The CLIP text encoder the UNet was trained with; the pipeline pads to the tokenizer's length (77)."""

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNet
 from diffusers.utils.torch_utils import randn_tensor
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.generators.base import FamilyGenerator, freeze, load_part, tile_frames
+from pandora_lightning.models.generators.base import FamilyGenerator, UNetDenoiser, freeze, load_part, tile_frames
 
 # peft target modules (module-name suffixes) for LoRA on this family's UNet: spatial and temporal
 # self/cross-attention projections ("transformer_blocks" spatial, "temporal_transformer_blocks" temporal).
@@ -30,7 +30,7 @@ LORA_TEMPORAL_PATTERN = r".*temporal_transformer_blocks.*\.(attn1|attn2)\.(to_q|
 LORA_FFN_MODULES = ("ff.net.0.proj", "ff.net.2")
 
 
-class SVDGenerator(FamilyGenerator):
+class SVDGenerator(UNetDenoiser, FamilyGenerator):
     family = "svd"
     has_text_teacher = False
     default_steps = 25
@@ -52,19 +52,6 @@ class SVDGenerator(FamilyGenerator):
         self.check_size(self.scale, "its VAE's downscale")
 
     context_key = "unet/config.json cross_attention_dim"  # where the cross-attention width is set
-
-    @property
-    def backbone(self):
-        """The denoiser: what trains (generator.unet.*) and takes LoRA; VAE and encoders stay frozen."""
-        return self.unet
-
-    @property
-    def context_dim(self) -> int:
-        return self.unet.config.cross_attention_dim
-
-    @property
-    def cond_latent_frames(self) -> int:
-        return self.cfg.cond_frames
 
     @property
     def needs_uncond_context(self) -> bool:

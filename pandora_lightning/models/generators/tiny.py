@@ -13,6 +13,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNetSpatioTemporalConditionM
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from pandora_lightning.models.generators.base import UNetDenoiser
+
 # peft target modules for LoRA on the tiny UNet (the same block names as the SVD family).
 LORA_ATTENTION_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 
@@ -34,7 +36,8 @@ def _tiny_unet(cfg, channels: int) -> nn.Module:
     )
 
 
-class TinyGenerator(nn.Module):
+
+class TinyGenerator(UNetDenoiser, nn.Module):
     """Pixel-space video diffusion: clips (B, T, 3, H, W) in [-1, 1] <-> (B, T, 3 p^2, H / p, W / p)."""
 
     family = "tiny"
@@ -60,19 +63,6 @@ class TinyGenerator(nn.Module):
         return 1.0 if self.cfg.guidance_scale is None else self.cfg.guidance_scale
 
     context_key = "generator.cross_attention_dim"  # where the cross-attention width is set
-
-    @property
-    def backbone(self):
-        """The denoiser: what trains (generator.unet.*) and takes LoRA; VAE and encoders stay frozen."""
-        return self.unet
-
-    @property
-    def context_dim(self) -> int:
-        return self.unet.config.cross_attention_dim
-
-    @property
-    def cond_latent_frames(self) -> int:
-        return self.cfg.cond_frames
 
     @property
     def needs_uncond_context(self) -> bool:
