@@ -272,7 +272,7 @@ def test_text_video_similarity_matches_clip_forward(tmp_path):
     out = metric.compute()
     # Reference: CLIPModel's own forward (logits = exp(logit_scale) * cosine), same preprocessing.
     model, tok = embedder.model, embedder.tokenizer
-    pixels = (((videos + 1) / 2).flatten(0, 1) - embedder.mean) / embedder.std
+    pixels = embedder.processing(videos.flatten(0, 1))  # 32x32 frames: the tower's size, nothing to resize or crop
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels).logits_per_image
@@ -282,3 +282,29 @@ def test_text_video_similarity_matches_clip_forward(tmp_path):
     torch.testing.assert_close(out["clip_score"], expected.mean(), rtol=1e-4, atol=1e-4)
     with pytest.raises(PandoraError, match="nowhere' is not a directory written by save_pretrained"):
         ClipEmbedder(tmp_path / "nowhere")
+
+
+def test_clip_score_crops_non_square_frames_as_the_folders_processor_does(tmp_path):
+    """A 48x80 frame: shortest side to the tower's 32, then its centre 32x32 (never squashed to a square)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    path = tiny_clip(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    embedder = ClipEmbedder(path)
+    smooth = F.interpolate(torch.rand(2, 3, 6, 10, generator=torch.Generator().manual_seed(0)), size=(48, 80), mode="bilinear")
+    frames = (smooth * 255).round() / 255
+    reference = CLIPImageProcessor.from_pretrained(path)(
+        images=[Image.fromarray((f * 255).round().byte().permute(1, 2, 0).numpy()) for f in frames], return_tensors="pt"
+    ).pixel_values
+    pixels = embedder.processing(frames * 2 - 1)
+    assert pixels.shape == reference.shape == (2, 3, 32, 32)
+    assert (pixels - reference).abs().max() < 0.05, "transformers' own CLIP processor (PIL) gives the same pixels"
+    # A frame already 32 high: only the centre is seen, so what lies beside it does not count.
+    wide = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    beside = wide.clone()
+    beside[..., :8], beside[..., 40:] = 1.0, 0.0
+    torch.testing.assert_close(embedder.images(beside), embedder.images(wide))
+    torch.testing.assert_close(embedder.images(wide), embedder.images(wide[..., 8:40].contiguous()))
+    squashed = F.interpolate(wide, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
+    assert (embedder.images(squashed) - embedder.images(wide)).abs().max() > 1e-3

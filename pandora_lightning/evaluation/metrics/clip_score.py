@@ -3,14 +3,14 @@
 score(video, text) = mean over frames t of max(100 * cos(E_img(frame_t), E_txt(text)), 0).
 
 The model is a transformers `CLIPModel` directory written by `save_pretrained`, with its tokenizer
-beside it; nothing is downloaded. Frames are resized (bicubic, antialiased) to the vision tower's
-image size and normalised with the mean/std of the directory's `preprocessor_config.json`, or
-OpenAI CLIP's when there is none. Embeddings come from the towers' pooled outputs and
+beside it; nothing is downloaded. Frames are prepared as the directory's own image processor
+(`preprocessor_config.json`) prepares images: shortest side resized to the tower's size (its
+resample filter, antialiased), the centre square cut out, its mean/std; OpenAI CLIP's steps when
+there is none. A non-square frame is cropped, never squashed. Embeddings come from the towers' pooled outputs and
 projections directly, because `get_image_features` changed its return type in transformers 5.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +20,7 @@ from torch import nn
 
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.evaluation.metrics.base import DomainMetric, check_video, to_unit
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from pandora_lightning.models.vision_encoder import ImageProcessing
 
 
 class ClipEmbedder(nn.Module):
@@ -40,14 +38,10 @@ class ClipEmbedder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise PandoraError(f"CLIP model '{self.path}' cannot be loaded as a CLIPModel with its tokenizer: {err}") from None
-        mean, std = CLIP_MEAN, CLIP_STD
-        processor = self.path / "preprocessor_config.json"
-        if processor.is_file():
-            cfg = json.loads(processor.read_text())
-            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.image_size = self.model.config.vision_config.image_size
+        self.processing = ImageProcessing.from_folder(self.path, self.image_size, "clip")
+        # Where tokenized texts go (the module's device).
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
         self.max_tokens = self.model.config.text_config.max_position_embeddings
 
     def train(self, mode: bool = True):
@@ -55,9 +49,8 @@ class ClipEmbedder(nn.Module):
 
     @torch.no_grad()
     def images(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (N, 3, H, W) in [0, 1] -> (N, P) unit-norm embeddings."""
-        x = F.interpolate(frames, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
-        x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.model.dtype)
+        """frames (N, 3, H, W) in [0, 1], any H and W -> (N, P) unit-norm embeddings."""
+        x = self.processing(frames.clamp(0, 1) * 2 - 1).to(self.model.dtype)
         pooled = self.model.vision_model(pixel_values=x).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
@@ -66,7 +59,7 @@ class ClipEmbedder(nn.Module):
         """B texts -> (B, P) unit-norm embeddings."""
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        ).to(self.mean.device)
+        ).to(self.anchor.device)
         pooled = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
