@@ -1,6 +1,7 @@
 """The console script: generate, error messages, held-out iteration (scoring is in test_score.py)."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pandora_lightning.cli import main
@@ -46,3 +47,42 @@ def test_fit_with_unknown_key_exits_with_message(capsys):
 def test_iterate_split_limits_each_domain(world_manifest):
     keys = [key for key, _, _ in iterate_split(load_manifest(world_manifest), "val", per_domain=1)]
     assert len(keys) == 4 and len({k.split("-")[1] for k in keys}) == 4
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_generate_on_a_device_in_a_precision(align_checkpoint, tmp_path, precision):
+    from pandora_lightning.inference.generate import load_model
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "start.png")
+    common = ["--image", str(tmp_path / "start.png"), "--actions", "move left", "grow"]
+    assert main(["generate", str(align_checkpoint), *common, "--out", str(tmp_path / "default")]) == 0
+    assert main(["generate", str(align_checkpoint), *common, "--device", "cpu", "--precision", precision,
+                 "--out", str(tmp_path / precision)]) == 0
+    sheets = [np.asarray(Image.open(tmp_path / k / "rollout.png")).astype(int) for k in ("default", precision)]
+    model = load_model(align_checkpoint, device="cpu", precision=precision)
+    assert model.precision == precision
+    frozen = model.vision.tower.embeddings.patch_embedding.weight
+    trained = model.input_adapter.proj[0].weight
+    assert (frozen.dtype, trained.dtype) == ({"32-true": torch.float32, "bf16-mixed": torch.bfloat16}[precision], torch.float32)
+    diff = np.abs(sheets[0] - sheets[1])
+    print(f"{precision} vs the checkpoint's own 32-true: max {diff.max()}, mean {diff.mean():.3f} (0..255)")
+    if precision == "32-true":  # the checkpoint's own precision: the same rollout
+        assert diff.max() == 0
+    else:  # bf16 compute: the same picture to within rounding
+        assert diff.mean() < 8
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "gpu9"], "device 'gpu9' is not a device torch knows"),
+        (["--device", "cuda:7"], "device 'cuda:7': "),
+        (["--precision", "bf17-mixed"], "precision 'bf17-mixed' is unknown; use one of 32-true"),
+    ],
+)
+def test_generate_bad_device_or_precision_is_one_line(align_checkpoint, tmp_path, capsys, flags, message):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "start.png")
+    args = ["generate", str(align_checkpoint), "--image", str(tmp_path / "start.png"), "--actions", "move left", *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
