@@ -23,9 +23,56 @@ def _fit(args) -> None:
 def _generate(args) -> None:
     from pandora_lightning.inference.generate import generate
 
-    video, sheet = generate(args.checkpoint, args.image, args.actions, Path(args.out), args.seed, args.scale, args.adapter,
-                            args.device, args.precision)
+    from pandora_lightning.inference.generate import read_actions_file
+    from pandora_lightning.world.history import check_history_action
+
+    if bool(args.actions) == bool(args.actions_file):
+        raise PandoraError("give the actions either as --actions 'move left' 'grow' ... or as --actions-file FILE (one per round)")
+    actions = args.actions or read_actions_file(args.actions_file)
+    video, sheet = generate(
+        args.checkpoint, args.image, actions, Path(args.out), args.seed, args.scale, args.resize, check_history_action,
+        args.adapter, args.device, args.precision,
+    )
     print(f"wrote {video} and {sheet}")
+
+
+def _play(args) -> None:
+    import numpy as np
+
+    from pandora_lightning.inference.generate import load_model, read_start_image
+    from pandora_lightning.inference.play import Play, serve, terminal
+    from pandora_lightning.training.precision import resolve_device
+    from pandora_lightning.world import DOMAINS, random_state, render
+    from pandora_lightning.world.domains import ACTIONS
+    from pandora_lightning.world.history import HISTORY_ACTIONS, check_history_action
+
+    model = load_model(args.checkpoint, args.adapter, resolve_device(args.device), args.precision)
+    size = tuple(model.cfg.generator.size)
+    rng = np.random.default_rng(args.seed)
+    # Example start images: a random state in each built-in world domain (the world is square).
+    side = size[0]
+    starts = [render(d, random_state(d, rng, side), side) for d in DOMAINS.values()] if size == (side, side) and side >= 16 else []
+    examples = [p[0] for p in ACTIONS.values()] + ([p[0] for p in HISTORY_ACTIONS.values()] if model.history_rounds != 1 else [])
+    play = Play(model, starts, examples, check_history_action, args.seed, str(args.checkpoint))
+    if args.terminal:
+        if args.image:
+            start, note = read_start_image(args.image, size, args.resize)
+            if note:
+                print(f"start image: {note}")
+        elif starts:
+            start = starts[0]
+        else:
+            raise PandoraError("--terminal needs --image START.png (no example start image at this frame size)")
+        terminal(play, start, Path(args.out), color=not args.no_color)
+        return
+    server = serve(play, args.host, args.port)
+    print(f"play: open http://{args.host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def _shards_world(args) -> None:
@@ -33,7 +80,8 @@ def _shards_world(args) -> None:
     from pandora_lightning.world.shards import write_world
     from pandora_lightning.world.vocabulary import vocabulary_path
 
-    cfg = WorldConfig(image_size=args.image_size, seed=args.seed, held_out_rounds=args.held_out_rounds)
+    cfg = WorldConfig(image_size=args.image_size, seed=args.seed, rounds=args.rounds, history=args.history,
+                      held_out_rounds=args.held_out_rounds)
     counts = {"train": args.train, "val": args.val, "transfer": args.transfer, "adapt": args.adapt,
               "phrasings": args.phrasings}
     manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard, progress=True)
@@ -123,14 +171,21 @@ def _demo(args) -> None:
 
     if args.seeds < 1:
         raise PandoraError(f"demo --seeds {args.seeds}: give at least 1 training seed")
-    run_dir = Path(args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo"))
+    run_dir = Path(args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo-history" if args.history else "runs/demo"))
     if args.seeds == 1:
-        run_demo(run_dir, quick=args.quick, overwrite=args.overwrite)
+        run_demo(run_dir, quick=args.quick, overwrite=args.overwrite, history=args.history)
     else:
-        run_seeds(run_dir, args.seeds, quick=args.quick, overwrite=args.overwrite)
+        run_seeds(run_dir, args.seeds, quick=args.quick, overwrite=args.overwrite, history=args.history)
 
 
 def _bench(args) -> None:
+    if args.only == "session":  # its own figures and file: the session costs, not the training step
+        from pandora_lightning.bench.session import print_session_bench, run_session_bench
+
+        out = run_session_bench(args.checkpoint, rounds=args.rounds)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print_session_bench(out)
+        return
     from pandora_lightning.bench.train import run_bench
 
     run_bench(args.recipe, args.steps, Path(args.out), parts=(args.only,) if args.only else ("train", "data"))
@@ -186,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="roll a checkpoint out from a start image, one action per round")
     p.add_argument("checkpoint")
     p.add_argument("--image", required=True, help="start frame (PNG/JPEG) at the model's image size")
-    p.add_argument("--actions", nargs="+", required=True, help='one action per round, e.g. "move left" "grow"')
+    p.add_argument("--actions", nargs="+", help='one action per round, e.g. "move left" "grow" "again"')
+    p.add_argument("--actions-file", help="one action per round: .txt (a line each), .json or .yaml (a list)")
+    p.add_argument("--resize", action="store_true", help="scale a start image of another size (centre crop) instead of refusing it")
     p.add_argument("--out", default="runs/generate")
     p.add_argument("--adapter", help="run a LoRA adapter on the checkpoint: an adapter folder, or an adapt run's name "
                                       "(runs/<name>/adapt/NAME beside the checkpoint's run)")
@@ -195,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
     p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed, bf16-true (default: the checkpoint's training precision)")
     p.set_defaults(run=_generate)
+
+    p = verbs.add_parser("play", help="steer a checkpoint round by round in a local web page (or --terminal)")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of new sessions (the page can change it)")
+    p.add_argument("--adapter", help="run a LoRA adapter on the checkpoint: an adapter folder, or an adapt run's name "
+                                      "(runs/<name>/adapt/NAME beside the checkpoint's run)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed, bf16-true (default: the checkpoint's training precision)")
+    p.add_argument("--terminal", action="store_true", help="play in the terminal instead: type actions, :fork K, :save, :quit")
+    p.add_argument("--image", help="terminal mode: the start image (default: an example world frame)")
+    p.add_argument("--resize", action="store_true", help="terminal mode: scale a start image of another size")
+    p.add_argument("--out", default="runs/play", help="terminal mode: where :save writes the episode")
+    p.add_argument("--no-color", action="store_true", help="terminal mode: do not draw frames with ANSI colours")
+    p.set_defaults(run=_play)
 
     p = verbs.add_parser("shards", help="write WebDataset shards")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -209,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--held-out-rounds", type=int, default=8, help="rounds of every held-out episode (train: 3)")
     w.add_argument("--samples-per-shard", type=int, default=128)
     w.add_argument("--image-size", type=int, default=32)
+    w.add_argument("--rounds", type=int, default=3, help="action rounds per episode")
+    w.add_argument("--history", type=float, default=0.0,
+                   help="share of later rounds said as 'again' / 'go back' (actions that refer to the previous round)")
     w.add_argument("--seed", type=int, default=0)
     w.set_defaults(run=_shards_world)
 
@@ -253,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="world shards -> align -> instruct -> multi-round rollouts + accuracy")
     p.add_argument("--run-dir", help="default runs/demo (runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+    p.add_argument("--history", action="store_true",
+                   help="the history demo: 'again' / 'go back' actions, an LLM that reads earlier rounds (recipes/tiny-history)")
     p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the run folder")
     p.set_defaults(run=_demo)
@@ -261,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/tiny/instruct.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--only", choices=["train", "data"], help="only the training-step or only the data-path figures")
+    p.add_argument("--only", choices=["train", "data", "session"],
+                   help="only the training-step or only the data-path figures; session: per-round cost with and without the cache")
+    p.add_argument("--checkpoint", help="--only session: a checkpoint to time (default: a tiny random model with history)")
+    p.add_argument("--rounds", type=int, default=16, help="--only session: rounds per session")
     p.set_defaults(run=_bench)
 
     p = verbs.add_parser("score", help="roll a checkpoint out on held-out samples; write scores.json, scores.md, plots")

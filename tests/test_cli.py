@@ -25,18 +25,34 @@ def test_generate_writes_video_and_contact_sheet(align_checkpoint, tmp_path, cap
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--actions", " "], "--actions is empty"),
+        (["--actions", " "], "round 1 (' '): the action is empty"),
         (["--actions", "move left", "--image", "{big}"], "is 48x48 but the model generates 32x32"),
+        (["--actions", "move left", "again"], "round 2 ('again'): 'again' refers to an earlier round, but this checkpoint was trained without history"),
+        (["--actions-file", "{missing}"], "does not exist"),
+        ([], "either as --actions"),
     ],
 )
 def test_generate_bad_input(align_checkpoint, tmp_path, capsys, args, message):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "start.png")
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / "big.png")
-    args = [a.replace("{big}", str(tmp_path / "big.png")) for a in args]
+    args = [a.replace("{big}", str(tmp_path / "big.png")).replace("{missing}", str(tmp_path / "no.txt")) for a in args]
     if "--image" not in args:
         args += ["--image", str(tmp_path / "start.png")]
     assert main(["generate", str(align_checkpoint), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text", [
+    ("a.txt", "# one per line\nmove left\n\ngrow\n"),
+    ("a.json", '["move left", "grow"]'),
+    ("a.yaml", "actions:\n  - move left\n  - grow\n"),
+])
+def test_generate_reads_an_actions_file_and_resizes_on_request(align_checkpoint, tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    Image.new("RGBA", (64, 40), (90, 90, 90, 255)).save(tmp_path / "start.png")
+    assert main(["generate", str(align_checkpoint), "--image", str(tmp_path / "start.png"), "--resize",
+                 "--actions-file", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "actions.txt").read_text().split("\n")[:2] == ["move left", "grow"]
 
 
 def test_fit_with_unknown_key_exits_with_message(capsys):

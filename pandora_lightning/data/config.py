@@ -24,6 +24,9 @@ class DataConfig:
     # Which text of a sample steers the generator: caption | action; null = the stage's own
     # (align: caption, instruct: action).
     text_kind: str | None = None
+    # Consecutive rounds per training example (multi-round windows, so an LLM with history learns
+    # to read earlier rounds; needs action texts); 1 = one round per example.
+    rounds: int = 1
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0 or self.epoch_samples < 0:
@@ -32,3 +35,5 @@ class DataConfig:
             raise ValueError("data.max_bad_fraction must be in [0, 1] and data.min_bad_samples >= 1")
         if self.text_kind not in (None, "caption", "action"):
             raise ValueError(f"data.text_kind='{self.text_kind}' is unknown; use caption, action or null")
+        if self.rounds < 1:
+            raise ValueError(f"data.rounds={self.rounds} must be >= 1")

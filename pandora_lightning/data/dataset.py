@@ -113,33 +113,55 @@ def bad_limit_reached(bad: int, seen: int, max_fraction: float, min_bad: int) ->
 
 
 class ExampleDecoder:
-    """Raw shard sample -> {"frames": (T, 3, H, W) uint8, "text", "domain", "key"}, or None (counted).
+    """Raw shard sample -> {"frames": (T, 3, H, W) uint8, "text", "teacher_text", "domain", "key"}, or None (counted).
 
     Only the frames of the window are converted (the clip is decoded once, up to the window's end),
     scaled to `size=(H, W)` when the clip has another size. Anything wrong with the sample's bytes
     is a corrupt sample; a sound sample without the stage's text kind is counted apart (`no_text`).
+    With `rounds` > 1 an "action" example is a multi-round window: `cond_frames` given frames, then
+    `rounds` rounds of `frames - cond_frames` new frames, and "text" / "teacher_text" are lists with
+    one text per round (the action under way at the round's first new frame, "" for none).
+    "teacher_text" is what the generator's own text encoder reads: an action's "resolved_text" when
+    it has one (an action such as "again" stands for an earlier one), else its text.
     """
 
     def __init__(
         self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter | None = None,
-        size: tuple[int, int] | None = None,
+        size: tuple[int, int] | None = None, rounds: int = 1,
     ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"text kind '{kind}' is unknown; use one of {TEXT_KINDS}")
-        self.kind, self.frames, self.cond_frames, self.size = kind, frames, cond_frames, size
+        if rounds < 1 or (rounds > 1 and kind != "action"):
+            raise ValueError(f"data.rounds={rounds}: multi-round windows need action texts (and rounds >= 1)")
+        self.kind, self.frames, self.cond_frames, self.size, self.rounds = kind, frames, cond_frames, size, rounds
         self.counter = counter if counter is not None else BadSampleCounter(log_each=True)
 
-    def window(self, meta: dict, rng: random.Random) -> tuple[int, str]:
+    @property
+    def window_frames(self) -> int:
+        return self.frames + (self.rounds - 1) * (self.frames - self.cond_frames)
+
+    def window(self, meta: dict, rng: random.Random) -> tuple[int, str | list[str], str | list[str]]:
         if self.kind == "caption":
             if not meta.get("caption", "").strip():
                 raise NoText("it has no caption")
-            return 0, meta["caption"]
+            return 0, meta["caption"], meta["caption"]
         spans = [a for a in meta.get("actions", []) if a["end"] > self.cond_frames]
         if not spans:
             raise NoText("it has no action text" if not meta.get("actions") else
                          f"none of its actions runs past the first {self.cond_frames} frames")
-        span = rng.choice(spans)
-        return max(0, span["start"] - self.cond_frames), span["text"]
+        if self.rounds == 1:
+            span = rng.choice(spans)
+            return max(0, span["start"] - self.cond_frames), span["text"], span.get("resolved_text", span["text"])
+        # A window opens on an action that does not refer to one before the window.
+        first = [a for a in spans[: max(1, len(spans) - self.rounds + 1)] if not a.get("refers")] or spans[:1]
+        start = max(0, rng.choice(first)["start"] - self.cond_frames)
+        texts, teacher = [], []
+        for r in range(self.rounds):
+            frame = start + self.cond_frames + r * (self.frames - self.cond_frames)
+            span = next((a for a in meta["actions"] if a["start"] <= frame < a["end"]), None)
+            texts.append(span["text"] if span else "")
+            teacher.append(span.get("resolved_text", span["text"]) if span else "")
+        return start, texts, teacher
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict | None:
         """`rng` picks the action; pass a seeded one for a reproducible stream."""
@@ -149,12 +171,13 @@ class ExampleDecoder:
             if "__error__" in sample:
                 raise ValueError(sample["__error__"])
             meta = parse_meta(sample.get("json"))
-            start, text = self.window(meta, rng or random)
+            start, text, teacher = self.window(meta, rng or random)
             if not isinstance(sample.get("mp4"), (bytes, bytearray)):
                 raise ValueError("the mp4 member is missing")
-            clip = decode_mp4(sample["mp4"], num_frames=self.frames, start=start, size=self.size)
-            if len(clip) < self.frames:
-                raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + self.frames}")
+            need = self.window_frames
+            clip = decode_mp4(sample["mp4"], num_frames=need, start=start, size=self.size)
+            if len(clip) < need:
+                raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + need}")
         except NoText as err:
             self.counter.no_text += 1
             self.counter.no_text_example = self.counter.no_text_example or f"{url}:{printable(key)} ({err})"
@@ -165,16 +188,15 @@ class ExampleDecoder:
             self.counter.skip(url, key, f"{type(err).__name__}: {err}")
             return None
         window = np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
-        return {"frames": torch.from_numpy(window), "text": text, "domain": meta.get("domain", ""), "key": key}
+        return {"frames": torch.from_numpy(window), "text": text, "teacher_text": teacher, "domain": meta.get("domain", ""),
+                "key": key}
 
 
 def collate(examples: list[dict]) -> dict:
-    """Examples -> {"frames": (B, T, 3, H, W) uint8, "text": [B], "domain": [B], "key": [B]}."""
+    """Examples -> {"frames": (B, T, 3, H, W) uint8, "text": [B], "teacher_text": [B], "domain": [B], "key": [B]}."""
     return {
         "frames": torch.stack([e["frames"] for e in examples]),
-        "text": [e["text"] for e in examples],
-        "domain": [e["domain"] for e in examples],
-        "key": [e["key"] for e in examples],
+        **{k: [e[k] for e in examples] for k in ("text", "teacher_text", "domain", "key")},
     }
 
 
@@ -223,7 +245,7 @@ def split_texts(manifest: Manifest, split: str) -> list[str]:
             except ValueError:
                 continue
             texts += [meta["caption"]] if meta.get("caption") else []
-            texts += [a["text"] for a in meta.get("actions", [])]
+            texts += [a[k] for a in meta.get("actions", []) for k in ("text", "resolved_text") if a.get(k)]
     return texts
 
 

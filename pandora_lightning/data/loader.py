@@ -198,6 +198,7 @@ def training_loader(
         shuffle_buffer=data.shuffle_buffer,
         seed=seed,
         allow_commands=manifest.allow_commands,
+        rounds=data.rounds,
     )
     epoch_samples = data.epoch_samples or sum(s.samples for s in sets)
     return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples, data.max_bad_fraction, data.min_bad_samples)

@@ -63,6 +63,7 @@ class StreamConfig:
     shuffle_buffer: int
     seed: int
     allow_commands: bool = False  # the user's opt-in to pipe:/URL shard sources (data.allow_commands)
+    rounds: int = 1  # > 1: multi-round windows (see ExampleDecoder)
 
 
 def seeded(*parts) -> random.Random:
@@ -163,7 +164,7 @@ class ShardStream(IterableDataset):
     def _batches(self, worker: int, slot: int, n_slots: int, block: int, skip: int):
         cfg = self.cfg
         counter = BadSampleCounter()
-        decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size)
+        decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds)
         reported = (0, 0)
         examples, streak = [], 0
         for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block)):

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from pandora_lightning.errors import PandoraError
+from pandora_lightning.models.history import RoundCache, history_mask, merge, split_rounds
 from pandora_lightning.models.loading import LoadOptions, check_weights, load_tokenizer, local_dir, read_config
 from pandora_lightning.models.tokenizer import build_word_tokenizer
 
@@ -26,6 +27,9 @@ class LLMConfig:
     # Tiny-config init std; None = hidden_size ** -0.5 (0.02 at width 64 leaves a near-identity
     # network whose query states hardly depend on the text).
     initializer_range: float | None = None
+    # Rounds of context a round's tokens read: their own and history_rounds - 1 before it (see
+    # models/history.py). 1 = no history: every round on its own, as a single-round model; 0 = all.
+    history_rounds: int = 1
 
     def __post_init__(self):
         if self.initializer_range is None:
@@ -34,6 +38,8 @@ class LLMConfig:
             raise PandoraError(f"llm.hidden_size={self.hidden_size} is not divisible by llm.num_heads={self.num_heads}")
         if self.num_query_tokens < 1 or self.max_text_tokens < 1:
             raise PandoraError("llm.num_query_tokens and llm.max_text_tokens must be >= 1")
+        if self.history_rounds < 0:
+            raise PandoraError(f"llm.history_rounds={self.history_rounds} must be >= 0 (1 = no history, 0 = every round)")
 
 
 def _from_dir(path: str, load: LoadOptions) -> tuple[nn.Module, object]:
@@ -97,18 +103,60 @@ class LLMBackbone(nn.Module):
         )
         return enc.input_ids.to(device), enc.attention_mask.to(device)
 
-    def forward(self, state_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def segment(self, state_embeds: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round: (B, V, D) state + B texts -> [state, text, queries] embeddings (B, L, D) and mask (B, L)."""
         b, v, _ = state_embeds.shape
         ids, text_mask = self.tokenize(texts, state_embeds.device)
         embed = self.model.get_input_embeddings()
         queries = self.query_tokens.to(state_embeds.dtype).expand(b, -1, -1)
         seq = torch.cat([state_embeds, embed(ids).to(state_embeds.dtype), queries], dim=1)
         ones = text_mask.new_ones
-        mask = torch.cat([ones(b, v), text_mask, ones(b, queries.shape[1])], dim=1)
-        # Padding sits inside the text span; positions skip it so the queries always follow the
-        # last real word, whatever the text length.
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(
-            inputs_embeds=seq, attention_mask=mask, position_ids=positions, output_hidden_states=True, logits_to_keep=1
+        # Padding sits inside the text span, so the queries always close the segment.
+        return seq, torch.cat([ones(b, v), text_mask, ones(b, queries.shape[1])], dim=1)
+
+    def _read(self, seq: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, **kwargs):
+        return self.model(
+            inputs_embeds=seq, attention_mask=mask, position_ids=positions, output_hidden_states=True, logits_to_keep=1,
+            **kwargs,
         )
-        return out.hidden_states[-1][:, -queries.shape[1] :]
+
+    def forward(self, state_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        seq, mask = self.segment(state_embeds, texts)
+        # Positions skip the padding so the queries always follow the last real word, whatever the text length.
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return self._read(seq, mask, positions).hidden_states[-1][:, -self.cfg.num_query_tokens :]
+
+    def read_rounds(self, states: torch.Tensor, texts: list[list[str]], window: int | None = None) -> torch.Tensor:
+        """All rounds at once: states (B, R, V, D), texts[r][b] -> query states (B, R, Q, D).
+
+        Round r's tokens read rounds r - window + 1 .. r (window: llm.history_rounds by default).
+        This is how training reads a multi-round window and how a session without a cache reads its
+        whole history every round.
+        """
+        window = self.cfg.history_rounds if window is None else window
+        segments = [self.segment(states[:, r], texts[r]) for r in range(states.shape[1])]
+        seq = torch.cat([s for s, _ in segments], dim=1)
+        mask = torch.cat([m for _, m in segments], dim=1)
+        ends = torch.tensor([s.shape[1] for s, _ in segments]).cumsum(0).tolist()
+        rounds = torch.cat([torch.full((s.shape[1],), r, device=seq.device) for r, (s, _) in enumerate(segments)])
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self._read(seq, history_mask(mask, rounds, window, seq.dtype), positions, use_cache=False).hidden_states[-1]
+        q = self.cfg.num_query_tokens
+        return torch.stack([hidden[:, end - q : end] for end in ends], dim=1)
+
+    def step(
+        self, state_embeds: torch.Tensor, texts: list[str], histories: list[tuple[RoundCache, ...]], positions: list[int]
+    ) -> tuple[torch.Tensor, list[RoundCache]]:
+        """One new round of B sequences, each on its own cached rounds: only the new segment is encoded.
+
+        state_embeds (B, V, D); histories[b]: the rounds sequence b may read (already windowed);
+        positions[b]: the position of its first new token (real tokens so far, dropped rounds included).
+        Returns the query states (B, Q, D) and each sequence's new RoundCache.
+        """
+        seq, mask = self.segment(state_embeds, texts)
+        cache, past = merge(histories, self.model.config)
+        start = torch.tensor(positions, device=seq.device)[:, None]
+        full = torch.cat([past.to(mask), mask], dim=1)
+        out = self._read(seq, full, start + (mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=True)
+        new = split_rounds(out.cache, full, [(past.shape[1], full.shape[1])])
+        return out.hidden_states[-1][:, -self.cfg.num_query_tokens :], [rounds[0] for rounds in new]

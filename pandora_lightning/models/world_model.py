@@ -139,6 +139,29 @@ class WorldModel(nn.Module):
     def new_frames(self) -> int:
         return self.cfg.generator.frames - self.cfg.generator.cond_frames
 
+    @property
+    def history_rounds(self) -> int:
+        """Rounds the LLM reads (1 = none before the current one, 0 = all); see models/history.py."""
+        return self.cfg.llm.history_rounds
+
+    def state_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, T, K, Dllm): each frame's LLM embeddings (frames are encoded independently)."""
+        b, t = frames.shape[:2]
+        patches = self.vision(frames.flatten(0, 1))
+        return self.input_adapter(patches.unflatten(0, (b, t))).unflatten(1, (t, -1))
+
+    def round_contexts(self, frames: torch.Tensor, texts: list[list[str]], window: int | None = None) -> torch.Tensor:
+        """A multi-round window: frames (B, Tc + R * F, 3, H, W), texts[r][b] -> contexts (B, R, N, Dctx).
+
+        Round r is conditioned on frames [r * F, r * F + Tc) and reads the rounds before it through
+        the LLM (teacher forcing: the frames are the real ones). Each frame is encoded once.
+        """
+        tc, f, r = self.cond_frames, self.new_frames, len(texts)
+        tokens = self.state_tokens(frames[:, : (r - 1) * f + tc])
+        states = torch.stack([tokens[:, i * f : i * f + tc].flatten(1, 2) for i in range(r)], dim=1)
+        queries = self.llm.read_rounds(states, texts, window)
+        return self.output_adapter(queries.flatten(0, 1)).unflatten(0, (frames.shape[0], r))
+
     def forward(self, given: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """given (B, Tc, 3, H, W) + B texts -> generator context (B, N, Dctx): vision encoder ->
         input adapter -> LLM -> output adapter. The generator's `forward` is its training pair (prediction, target)."""

@@ -87,18 +87,28 @@ class WorldModelStage(L.LightningModule):
         return F.mse_loss(pred.float(), target.float())
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings -> {"loss": weighted total, "diffusion", "distill"}."""
+        """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings (or B lists, one text per round of a
+        multi-round window) -> {"loss": weighted total, "diffusion", "distill"}."""
         cfg = self.recipe.loss
         frames = to_model_range(batch["frames"], self.dtype)
-        texts = list(batch["text"])
+        multi = isinstance(batch["text"][0], (list, tuple))
+        texts = [list(t) if multi else [t] for t in batch["text"]]  # [B][R]
+        teacher_texts = [list(t) if multi else [t] for t in batch.get("teacher_text", batch["text"])]
         if self.training and cfg.text_dropout > 0:
-            drop = torch.rand(len(texts)) < cfg.text_dropout
-            texts = ["" if d else text for d, text in zip(drop.tolist(), texts)]
+            drop = (torch.rand(len(texts) * len(texts[0])) < cfg.text_dropout).view(len(texts), -1).tolist()
+            texts = [["" if d else t for d, t in zip(ds, ts)] for ds, ts in zip(drop, texts)]
+            teacher_texts = [["" if d else t for d, t in zip(ds, ts)] for ds, ts in zip(drop, teacher_texts)]
         adapter = teacher = None
         if cfg.context == "adapter" or cfg.distill_weight > 0:
-            adapter = self.model.context(frames[:, : self.model.cond_frames], texts)
+            if multi:  # (B, R, N, D) -> (B * R, N, D), sample-major like the clips below
+                adapter = self.model.round_contexts(frames, [list(r) for r in zip(*texts)]).flatten(0, 1)
+            else:
+                adapter = self.model.context(frames[:, : self.model.cond_frames], [t[0] for t in texts])
         if cfg.needs_teacher:
-            teacher = self.model.teacher_context(texts)
+            teacher = self.model.teacher_context([t for ts in teacher_texts for t in ts])
+        if multi:  # every round's clip: its given frames and its new frames
+            f, n = self.model.new_frames, self.model.cond_frames
+            frames = torch.stack([frames[:, r * f : r * f + n + f] for r in range(len(texts[0]))], 1).flatten(0, 1)
         out = {"diffusion": self.diffusion_loss(frames, adapter if cfg.context == "adapter" else teacher)}
         if cfg.distill_weight > 0:
             # The teacher is the target, never pulled towards the adapter.

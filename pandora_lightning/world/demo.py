@@ -37,6 +37,10 @@ SPLIT_TITLES = {
     "phrasings": "phrasings held out of training",
 }
 SHARES = ("action_following", "action_following_lenient", "action_following_held_out", "temporal_object")
+# `demo --history`: episodes of 4 rounds, half of the later ones said as "again" / "go back", and
+# recipes whose LLM reads earlier rounds (recipes/tiny-history).
+HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/world-history", "recipes": "recipes/tiny-history",
+           "world": WorldConfig(rounds=4, history=0.5, held_out_rounds=8)}
 
 
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:
@@ -56,14 +60,21 @@ def split_summary(report: dict) -> dict:
                 out[name]["chance_per_domain"] = entry["baseline"]["per_domain"]
     if "psnr" in report:
         out["psnr"] = {"overall": report["psnr"]["overall"], "per_round": report["psnr"]["per_round"]}
+    strict = report.get("action_following", {})
+    if "history" in strict:  # rounds said as "again" / "go back" (the history world)
+        out["history"] = {k: strict[k] for k in ("history", "again", "undo", "plain") if k in strict}
     return out
 
 
-def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
+def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool = False, history: bool = False) -> dict:
     """The whole pipeline into `run_dir`; an earlier demo there is refused unless `overwrite`."""
     started = time.time()
     timings = {}
-    build_world()
+    manifest_path, recipes = (HISTORY["manifest"], HISTORY["recipes"]) if history else (MANIFEST, "recipes/tiny")
+    if history:
+        ensure_world(HISTORY["manifest"], HISTORY["shards"], COUNTS, 128, HISTORY["world"])
+    else:
+        build_world()
     timings["shards_s"] = round(time.time() - started, 1)
     steps = {"align": 3, "instruct": 3} if quick else {}
     checkpoint = None
@@ -73,7 +84,7 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
             overrides.append(f"trainer.max_steps={steps[stage]}")
-        recipe = load_recipe(f"recipes/tiny/{stage}.yaml", overrides)
+        recipe = load_recipe(f"{recipes}/{stage}.yaml", overrides)
         t0 = time.time()
         checkpoint = fit(recipe, score_callbacks(recipe, [WORLD_METRICS]), overwrite=overwrite)
         timings[f"{stage}_s"] = round(time.time() - t0, 1)
@@ -81,7 +92,7 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
 
     t0 = time.time()
     model = load_stage(checkpoint).model
-    manifest = load_manifest(MANIFEST)
+    manifest = load_manifest(manifest_path)
     results = {}
     for split, per_domain in (QUICK if quick else SCORED).items():
         episodes = load_episodes(manifest, split, per_domain, model.cfg.generator.size)
@@ -102,9 +113,9 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     return summary
 
 
-def run_seeds(run_dir: Path, seeds: int, quick: bool = False, overwrite: bool = False) -> dict:
+def run_seeds(run_dir: Path, seeds: int, quick: bool = False, overwrite: bool = False, history: bool = False) -> dict:
     """The demo trained `seeds` times (seeds 0..N-1, each in run_dir/seed-<s>); their spread per figure."""
-    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite) for s in range(seeds)]
+    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite, history=history) for s in range(seeds)]
     summary = {"seeds": list(range(seeds)), "figures": seed_spread([r["splits"] for r in runs]),
                "wall_seconds": [r["wall_seconds"]["total_s"] for r in runs]}
     (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
@@ -160,6 +171,10 @@ def print_summary(summary: dict) -> None:
             extra.append("PSNR by round " + " ".join("n/a" if v is None else f"{v:.1f}" for v in res["psnr"]["per_round"]))
         if extra:
             print("  " + "; ".join(extra))
+        if "history" in res:
+            h = res["history"]
+            print(f"  rounds said as 'again'/'go back', strict: {h['history']:.3f} (again {h.get('again')}, undo "
+                  f"{h.get('undo')}); other rounds {h['plain']:.3f}")
     print(f"seed {summary['seed']}, steps: {summary['steps']}")
     print(f"wall seconds: {summary['wall_seconds']}")
     print(f"videos and contact sheets: {summary['rollouts']}")

@@ -19,6 +19,7 @@ from pandora_lightning.evaluation.metrics.interval import bootstrap_interval
 from pandora_lightning.world.baseline import best_baseline, predictor_accuracies, valid_sets
 from pandora_lightning.world.domains import ACTIONS, DOMAINS, get_domain
 from pandora_lightning.world.measure import frame_consistency, judge_round, measure_states
+from pandora_lightning.world.history import HISTORY_ACTIONS
 from pandora_lightning.world.simulator import SPLITS, held_out_actions
 
 ACTION_NAMES = tuple(ACTIONS)
@@ -55,7 +56,10 @@ class _RoundMetric(DomainMetric):
 
 # Columns of ActionFollowing's per-round records (float64 rows, concatenated across processes).
 _COLUMNS = ("episode", "domain", "round", "action", "previous", "valid", "strict", "lenient", "classified",
-            "kept", "held_out")
+            "kept", "held_out", "refers")
+# Rounds said as a reference to the previous one ("again", "go back"; world/history.py) are scored
+# against the action they resolve to; "refers" is 1 + the kind's index, 0 for a plain round.
+HISTORY_KINDS = tuple(HISTORY_ACTIONS)
 _C = {name: i for i, name in enumerate(_COLUMNS)}
 
 
@@ -105,8 +109,10 @@ class ActionFollowing(_RoundMetric):
                 verdict = judge_round(video[s.start - cond : s.stop], domain, size, cond, target, reference, domain.actions)
                 classified = -1 if verdict.lenient is None else ACTION_NAMES.index(verdict.lenient)
                 action = ACTION_NAMES.index(target)
+                refers = ep["actions"][r].get("refers")
                 rows.append([uid, g, r, action, previous, _mask(None if valid is None else valid[r]), verdict.strict,
-                             verdict.lenient == target, classified, verdict.found and verdict.kept, target in held])
+                             verdict.lenient == target, classified, verdict.found and verdict.kept, target in held,
+                             HISTORY_KINDS.index(refers) + 1 if refers in HISTORY_KINDS else 0])
                 previous = action
         if rows:
             self.records.append(torch.tensor(rows, dtype=torch.float64, device=self.device))
@@ -122,7 +128,22 @@ class ActionFollowing(_RoundMetric):
     def compute(self) -> dict[str, torch.Tensor]:
         table = self._table()
         share = float(table[:, _C["strict"]].mean()) if len(table) else float("nan")
-        return {"action_following": torch.tensor(share, dtype=torch.float64)}
+        history = {f"action_following/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self._history(table).items()}
+        return {"action_following": torch.tensor(share, dtype=torch.float64), **history}
+
+    @staticmethod
+    def _history(table: np.ndarray) -> dict[str, float]:
+        """Strict shares of rounds said as "again"/"go back" (and of the other rounds); empty without any."""
+        refers, hits = table[:, _C["refers"]], table[:, _C["strict"]]
+        said = refers > 0
+        if not said.any():
+            return {}
+        out = {"history": float(hits[said].mean()), "history_count": float(said.sum())}
+        out["plain"] = float(hits[~said].mean()) if (~said).any() else float("nan")
+        for i, kind in enumerate(HISTORY_KINDS):
+            if (refers == i + 1).any():
+                out[kind] = float(hits[refers == i + 1].mean())
+        return out
 
     def domain_counts(self) -> torch.Tensor:
         table = self._table()
@@ -146,6 +167,7 @@ class ActionFollowing(_RoundMetric):
             "action_following_lenient": self._entry(table, "lenient", chance, np.ones(len(table), bool)),
         }
         out["action_following"]["confusion"] = self._confusion(table)
+        out["action_following"].update(self._history(table))
         held = table[:, _C["held_out"]] > 0
         if held.any():
             out["action_following_held_out"] = self._entry(table, "strict", chance, held)

@@ -144,7 +144,7 @@ def write_world(
     """The world's shards, their manifest and, beside it, the world's vocabulary file."""
     records = write_world_shards(out_dir, cfg, counts, samples_per_shard=samples_per_shard, progress=progress)
     written = write_manifest(manifest, WORLD_NAME, out_dir, records + adapt_replay(records))
-    write_vocabulary_file(vocabulary_path(manifest), world_vocabulary())
+    write_vocabulary_file(vocabulary_path(manifest), world_vocabulary(history=cfg.history > 0))
     return written
 
 

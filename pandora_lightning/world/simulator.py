@@ -26,6 +26,7 @@ from pandora_lightning.world.domains import (
     shade,
     shade_band,
 )
+from pandora_lightning.world.history import HISTORY_ACTIONS, resolve
 from pandora_lightning.world.phrasing import phrase
 
 # "val": held-out start states; "transfer": the transfer domain with its held-out actions too;
@@ -58,6 +59,9 @@ class WorldConfig:
     seed: int = 0
     held_out_rounds: int = 0  # rounds of the non-train splits' episodes; 0 = ``rounds``
     domains: tuple[str, ...] = field(default_factory=lambda: tuple(DOMAINS))
+    # Share of rounds after the first that are said as a reference to the previous round
+    # ("again", "go back"; see world/history.py) when what they stand for is valid there.
+    history: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 8:
@@ -65,6 +69,8 @@ class WorldConfig:
                 f"WorldConfig.image_size={self.image_size} must be a multiple of 8 and >= 16 "
                 "(e.g. 32) so objects fit and video codecs accept the size"
             )
+        if not 0.0 <= self.history <= 1.0:
+            raise PandoraError(f"WorldConfig.history={self.history} must be a share in [0, 1]")
         for name in ("cond_frames", "round_frames", "rounds", "fps"):
             if getattr(self, name) < 1:
                 raise PandoraError(f"WorldConfig.{name}={getattr(self, name)} must be a positive integer")
@@ -224,10 +230,14 @@ def _color_name(domain: Domain, rgb: tuple[int, int, int]) -> str:
 
 def _sample_actions(
     rounds: int, cfg: WorldConfig, domain: Domain, start: ObjectState, rng: np.random.Generator, allowed
-) -> tuple[list[ObjectState], list[str]]:
-    """Roll out ``rounds`` actions, each drawn uniformly from the valid ones (at least ``MIN_OPTIONS``)."""
+) -> tuple[list[ObjectState], list[str], list[str | None]]:
+    """Roll out ``rounds`` actions, each drawn uniformly from the valid ones (at least ``MIN_OPTIONS``).
+
+    Also returns, per round, the history kind ("again"/"undo") it is said as, or None.
+    """
     states = [start] * cfg.cond_frames
     chosen: list[str] = []
+    kinds: list[str | None] = []
     for _ in range(rounds):
         options = valid_actions(domain, states[-1], cfg.round_frames, cfg.image_size, allowed, SAMPLING_SLACK)
         if len(options) < MIN_OPTIONS:
@@ -235,10 +245,17 @@ def _sample_actions(
                 f"domain {domain.name!r} reached {states[-1]} where only {options} of {allowed or domain.actions} "
                 f"are valid: the start state would give the action away; widen radius_limits or lower speed"
             )
-        action = options[int(rng.integers(len(options)))]
+        kind = None
+        # Only a history world draws these numbers: plain worlds keep their exact random streams.
+        if cfg.history > 0 and chosen and rng.random() < cfg.history:
+            kind = tuple(HISTORY_ACTIONS)[int(rng.integers(len(HISTORY_ACTIONS)))]
+            if resolve(kind, chosen[-1]) not in options:
+                kind = None
+        action = resolve(kind, chosen[-1]) if kind else options[int(rng.integers(len(options)))]
         chosen.append(action)
+        kinds.append(kind)
         states.extend(simulate(domain, states[-1], action, cfg.round_frames))
-    return states, chosen
+    return states, chosen, kinds
 
 
 def sample_episode(
@@ -256,13 +273,16 @@ def sample_episode(
     domain = get_domain(domain_name)
     allowed = split_actions(domain_name, split) if allowed_actions is None else tuple(allowed_actions)
     start = random_state(domain, rng, cfg.image_size, held_out=split in HELD_OUT_SPLITS)
-    states, chosen = _sample_actions(cfg.rounds_for(split), cfg, domain, start, rng, allowed)
+    states, chosen, kinds = _sample_actions(cfg.rounds_for(split), cfg, domain, start, rng, allowed)
     spans = []
-    for i, action in enumerate(chosen):
+    for i, (action, kind) in enumerate(zip(chosen, kinds)):
         start_idx = cfg.cond_frames + i * cfg.round_frames
         end_idx = start_idx + cfg.round_frames
-        text = phrase(action, rng, held_out=split == "phrasings")
-        spans.append({"action": action, "text": text, "start": start_idx, "end": end_idx})
+        span = {"action": action, "text": phrase(action, rng, held_out=split == "phrasings"), "start": start_idx, "end": end_idx}
+        if kind:
+            options = HISTORY_ACTIONS[kind]
+            span.update(text=options[int(rng.integers(len(options)))], refers=kind, resolved_text=span["text"])
+        spans.append(span)
     return Episode(
         frames=render_states(domain, states, cfg.image_size),
         states=states,

@@ -8,22 +8,26 @@ from pathlib import Path
 
 from pandora_lightning.models.tokenizer import words_of
 from pandora_lightning.world.domains import ACTIONS, DOMAINS
+from pandora_lightning.world.history import HISTORY_ACTIONS
 from pandora_lightning.world.phrasing import phrasings
 from pandora_lightning.world.simulator import caption_for
 
 
-def world_corpus() -> list[str]:
+def world_corpus(history: bool = False) -> list[str]:
     """Every phrasing the grammar makes (held-out ones use only words of training ones), and a caption
-    per domain and colour that uses every verb of the domain."""
+    per domain and colour that uses every verb of the domain; with `history`, also the phrasings of
+    actions that refer to earlier rounds ("again", "go back")."""
     texts = [text for action in ACTIONS for text in phrasings(action)]
+    if history:
+        texts += [text for history_phrasings in HISTORY_ACTIONS.values() for text in history_phrasings]
     for domain in DOMAINS.values():
         texts += [caption_for(domain, name, list(domain.actions)) for name, _ in domain.palette]
     return texts
 
 
-def world_vocabulary() -> list[str]:
-    """The sorted words of `world_corpus()`."""
-    return words_of(world_corpus())
+def world_vocabulary(history: bool = False) -> list[str]:
+    """The sorted words of `world_corpus(history)`."""
+    return words_of(world_corpus(history))
 
 
 def vocabulary_path(manifest: str | Path) -> Path:

@@ -1,0 +1,125 @@
+"""History in the built-in world and in training: "again" / "go back" episodes, multi-round windows,
+the metric scored against the resolved action, and a 2-step multi-round fit."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder
+from pandora_lightning.data.manifest import write_manifest
+from pandora_lightning.data.video import encode_mp4
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.checkpoint import load_stage
+from pandora_lightning.training.fit import fit
+from pandora_lightning.world import WorldConfig, sample_episode
+from pandora_lightning.world.history import HISTORY_ACTIONS, OPPOSITE, check_history_action, history_kind, resolve
+from pandora_lightning.world.metrics import ActionFollowing
+from pandora_lightning.world.shards import episode_metadata, write_world_shards
+from tests.conftest import tiny_recipe
+
+HISTORY_WORLD = WorldConfig(rounds=4, history=0.6)
+
+
+def test_history_actions_resolve_against_the_previous_round():
+    assert resolve("again", "move_left") == "move_left" and resolve("undo", "grow") == "shrink"
+    assert all(OPPOSITE[OPPOSITE[a]] == a for a in OPPOSITE)
+    assert history_kind("  Do it AGAIN ") == "again" and history_kind("go back") == "undo" and history_kind("go left") is None
+    with pytest.raises(PandoraError, match="no(ne| previous)"):
+        resolve("again", None)
+
+
+def test_history_episodes_store_the_resolved_action():
+    rng = np.random.default_rng(0)
+    kinds = []
+    for _ in range(20):
+        ep = sample_episode(HISTORY_WORLD, "meadow", rng)
+        assert "refers" not in ep.actions[0]  # the first round has nothing to refer to
+        for prev, span in zip(ep.actions, ep.actions[1:]):
+            if "refers" in span:
+                kinds.append(span["refers"])
+                assert span["text"] in HISTORY_ACTIONS[span["refers"]]
+                assert span["action"] == resolve(span["refers"], prev["action"])
+                assert history_kind(span["resolved_text"]) is None
+    assert {"again", "undo"} <= set(kinds)
+    plain = sample_episode(WorldConfig(), "meadow", np.random.default_rng(0))
+    assert all("refers" not in a for a in plain.actions)
+
+
+def _history_sample(seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    while True:  # an episode whose second round refers to the first
+        ep = sample_episode(HISTORY_WORLD, "space", rng)
+        if ep.actions[1].get("refers"):
+            break
+    meta = episode_metadata(ep, HISTORY_WORLD, "train")
+    return {"__key__": "k", "mp4": encode_mp4(ep.frames, 8), "json": json.dumps(meta).encode(), "meta": meta, "frames": ep.frames}
+
+
+def test_multi_round_windows_give_one_text_per_round():
+    sample = _history_sample()
+    decoder = ExampleDecoder("action", frames=6, cond_frames=2, counter=BadSampleCounter(), rounds=3)
+    example = decoder(sample, random.Random(0))
+    spans = sample["meta"]["actions"]
+    assert example["frames"].shape[0] == 2 + 3 * 4
+    # a window never opens on a round that refers to one before it: here only round 1 can open it
+    assert example["text"] == [s["text"] for s in spans[:3]] and example["text"][1] in HISTORY_ACTIONS[spans[1]["refers"]]
+    assert example["teacher_text"] == [spans[0]["text"], spans[1]["resolved_text"], spans[2].get("resolved_text", spans[2]["text"])]
+    single = ExampleDecoder("action", frames=6, cond_frames=2, counter=BadSampleCounter())(sample, random.Random(0))
+    assert isinstance(single["text"], str) and single["frames"].shape[0] == 6
+    with pytest.raises(ValueError, match="action texts"):
+        ExampleDecoder("caption", 6, 2, BadSampleCounter(), rounds=2)
+
+
+def test_action_following_scores_history_rounds_against_the_resolved_action():
+    sample = _history_sample()
+    video = torch.from_numpy(sample["frames"]).permute(0, 3, 1, 2)[None]
+    metric = ActionFollowing(2, 4)
+    metric.update(video, [sample["meta"]])
+    out = metric.compute()
+    assert out["action_following"] == 1.0 and out["action_following/history"] == 1.0
+    wrong = dict(sample["meta"], actions=[dict(a) for a in sample["meta"]["actions"]])
+    for span in wrong["actions"]:  # as if every reference had been resolved the other way
+        if span.get("refers"):
+            span["action"] = OPPOSITE[span["action"]]
+    metric = ActionFollowing(2, 4)
+    metric.update(video, [wrong])
+    assert metric.compute()["action_following/history"] == 0.0
+
+
+def test_history_actions_need_a_model_with_history():
+    class Model:
+        history_rounds = 1
+
+    with pytest.raises(PandoraError, match="trained without history"):
+        check_history_action("again", Model())
+    check_history_action("move left", Model())
+    Model.history_rounds = 4
+    check_history_action("again", Model())
+
+
+@pytest.fixture(scope="module")
+def history_manifest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("history-world")
+    records = write_world_shards(out / "shards", HISTORY_WORLD, {"train": 4, "val": 1}, samples_per_shard=4)
+    return Path(write_manifest(out / "world.yaml", "world", out / "shards", records).path)
+
+
+def test_multi_round_fit_with_history_trains_and_rolls_out(history_manifest, tmp_path):
+    recipe = tiny_recipe("align", history_manifest, tmp_path / "align", "data.rounds=3", "model.llm.history_rounds=0",
+                         "vocabulary=null")
+    checkpoint = fit(recipe)
+    model = load_stage(checkpoint).model
+    assert model.history_rounds == 0
+    losses = (tmp_path / "align" / "logs" / "metrics.csv").read_text()
+    assert "train/distill" in losses
+    from pandora_lightning.inference.session import Session
+
+    s = Session(model, torch.zeros(3, 32, 32), check_action=check_history_action)
+    s.step("move left")
+    s.step("again")
+    assert s.frames.shape[0] == 2 + 2 * 4 and len(s.history) == 2
