@@ -97,7 +97,7 @@ def test_history_actions_on_a_model_without_history_are_refused():
 def test_terminal_mode_steps_forks_and_saves(tmp_path):
     out = []
     play = Play(tiny_model(), check_action=check_history_action)
-    lines = ["move left", "again", ":fork 1", "grow", ":branches", "", ":save", "nonsense command with far too many words " * 4, ":quit"]
+    lines = ["move left", "again", ":fork 1", "grow", ":branches", "", ":save", "nonsense command with far too many words " * 6, ":quit"]
     terminal(play, frame((20, 120, 40)), tmp_path, lines, out.append, color=False)
     text = "\n".join(out)
     assert "round 2: again" in text and "branch 1: from round 1" in text and "round 2: grow" in text
@@ -117,10 +117,10 @@ def test_page_in_headless_chromium(server, tmp_path):
         browser.click(".thumb[data-index='1']")
         browser.click("#new")
         browser.wait("return document.querySelectorAll('#episode .row').length == 1")
-        for action in ["move left", "again"]:
+        for rows, action in enumerate(["move left", "again"], 2):
             browser.type("#action", action)
             browser.click("#go")
-        browser.wait("return document.querySelectorAll('#episode .row').length == 3", timeout=300)
+            browser.wait(f"return document.querySelectorAll('#episode .row').length == {rows}", timeout=300)
         assert browser.script("return document.querySelector('#player').src").startswith("data:image/png")
         browser.type("#action", "   ")
         browser.click("#go")

@@ -90,6 +90,7 @@ $("new").onclick = async () => {
 };
 async function go() {
   if (!current) { show(new Error("start a session first")); return; }
+  if ($("go").disabled) return;  // one round at a time
   $("go").disabled = true;
   try { show(); render(await api("POST", "/api/sessions/" + current.id + "/step", {action: $("action").value})); $("action").value = ""; }
   catch (e) { show(e); } finally { $("go").disabled = false; }

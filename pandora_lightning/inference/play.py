@@ -110,7 +110,7 @@ class Play:
         else:
             raise PandoraError("pick an example start image or upload one")
         seed = int(body.get("seed", self.seed))
-        session = Session(self.model, from_numpy(frame), seed=seed, check_action=self.check_action)
+        session = Session(self.model, from_numpy(np.array(frame)), seed=seed, check_action=self.check_action)
         key = len(self.branches)
         self.branches[key] = Branch(session, None, 0)
         return self.describe(key, note and f"start image {note}")
