@@ -53,7 +53,7 @@ def trim(history: tuple[RoundCache, ...], window: int) -> tuple[RoundCache, ...]
     if window == 0:
         return history
     keep = window - 1
-    return history[len(history) - keep :] if keep else ()
+    return history[max(0, len(history) - keep) :] if keep else ()
 
 
 def split_rounds(cache: DynamicCache, mask: torch.Tensor, bounds: list[tuple[int, int]]) -> list[list[RoundCache]]:
