@@ -51,12 +51,12 @@ class Session:
         frame repeated when there are fewer). window: rounds the LLM reads (default: the model's
         `llm.history_rounds`). cache=False re-reads the whole history every round (the reference's way;
         same frames, for comparison). strict=False lets over-long actions through (the LLM keeps their
-        last llm.max_text_tokens tokens), as scoring a data set needs."""
+        last llm.max_text_tokens tokens) and frames of any size the generator takes, as scoring needs."""
         self.model, self.seed, self.cache, self.check_action, self.strict = model, seed, cache, check_action, strict
         self.window = model.history_rounds if window is None else int(window)
         if self.window < 0:
             raise PandoraError(f"session window={self.window} must be >= 0 (1 = no history, 0 = every round)")
-        self.start = _start_frames(model, start_frames)
+        self.start = _start_frames(model, start_frames, check_size=strict)
         self.records: list[Round] = []
         self.rng = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         self.history: tuple[RoundCache, ...] | None = ()  # None: rebuild before the next round
@@ -137,12 +137,12 @@ class Session:
         return action
 
 
-def _start_frames(model: WorldModel, frames: torch.Tensor) -> torch.Tensor:
+def _start_frames(model: WorldModel, frames: torch.Tensor, check_size: bool = True) -> torch.Tensor:
     frames = frames[None] if frames.dim() == 3 else frames
     size = tuple(model.cfg.generator.size)
     if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
         raise PandoraError(f"start frames must be (3, H, W) or (T, 3, H, W) RGB in [-1, 1], got shape {tuple(frames.shape)}")
-    if tuple(frames.shape[-2:]) != size:
+    if check_size and tuple(frames.shape[-2:]) != size:
         raise PandoraError(
             f"start frames are {frames.shape[-2]}x{frames.shape[-1]} but the model generates {size[0]}x{size[1]} frames "
             f"(height x width); resize them first"
