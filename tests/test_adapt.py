@@ -125,7 +125,9 @@ def test_world_adapt_split_is_the_transfer_domain_with_every_action(tmp_path):
     assert len(starts) == len(adapt) and all(np.asarray(f).ndim == 4 for _, f, _ in adapt)
 
 
-def test_generate_and_compare_with_an_adapter(adapted, align_checkpoint, world_manifest, tmp_path, capsys):
+def test_generate_play_and_compare_with_an_adapter(adapted, align_checkpoint, world_manifest, tmp_path, capsys, monkeypatch):
+    import io
+
     from PIL import Image
 
     from pandora_lightning.cli import main
@@ -139,6 +141,12 @@ def test_generate_and_compare_with_an_adapter(adapted, align_checkpoint, world_m
     sheets = {k: np.asarray(Image.open(tmp_path / k / "rollout.png")).astype(int) for k in ("base", "on", "own")}
     assert np.abs(sheets["on"] - sheets["own"]).max() <= 1, "base + adapter folder renders what the adapt checkpoint renders"
     assert np.abs(sheets["on"] - sheets["base"]).max() > 1
+    # play takes the adapter the same way: its terminal mode renders what generate rendered
+    monkeypatch.setattr("sys.stdin", io.StringIO("move left\n:save\n:quit\n"))
+    assert main(["play", str(align_checkpoint), "--terminal", "--no-color", "--image", str(tmp_path / "start.png"),
+                 "--adapter", str(adapter), "--out", str(tmp_path / "play")]) == 0
+    played = np.asarray(Image.open(tmp_path / "play" / "rollout.png")).astype(int)
+    assert np.abs(played - sheets["on"]).max() <= 1
 
     out = tmp_path / "compare"
     assert main(["score", "--compare", str(align_checkpoint), str(adapter), f"again={adapter}",

@@ -53,7 +53,7 @@ def call(base: str, method: str, path: str, body: dict | None = None):
 
 def test_api_start_step_fork_download_and_bad_input(server):
     status, info = call(server, "GET", "/api/info")
-    assert status == 200 and info["size"] == SIZE and len(info["starts"]) == 2
+    assert status == 200 and (info["height"], info["width"]) == (SIZE, SIZE) and len(info["starts"]) == 2
     status, s = call(server, "POST", "/api/sessions", {"start": 1, "seed": 3})
     assert status == 200 and s["rounds"] == []
     for action in ["move left", "again"]:
@@ -71,7 +71,7 @@ def test_api_start_step_fork_download_and_bad_input(server):
     Image.new("RGBA", (64, 48), (200, 30, 30, 255)).save(buf, format="PNG")
     upload = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     status, up = call(server, "POST", "/api/sessions", {"image": upload})
-    assert status == 200 and "RGBA" in up["note"] and "64x48" in up["note"]
+    assert status == 200 and "RGBA" in up["note"] and "48x64" in up["note"]
     # bad input: one line each
     for path, body, words in [
         (f"/api/sessions/{s['id']}/step", {"action": "  "}, "empty"),

@@ -44,7 +44,7 @@ def fit_start_image(image: Image.Image, size: tuple[int, int], resize: bool, nam
         left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
         notes.append(f"resized from {image.height}x{image.width} (centre {crop_h}x{crop_w} crop) to {height}x{width}")
         image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(image), "; ".join(notes)
+    return np.array(image), "; ".join(notes)
 
 
 def open_image(source: str | Path | bytes, name: str = "start image") -> Image.Image:
