@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from pandora_lightning.cli_scale import add_verbs as add_scale_verbs
 from pandora_lightning.errors import PandoraError
 
 
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="CHECKPOINT ADAPTER [ADAPTER ...]: the base and each adapter on the same episodes, one before/after table")
     p.set_defaults(run=_score)
+    add_scale_verbs(verbs)
     return parser
 
 

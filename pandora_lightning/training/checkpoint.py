@@ -16,26 +16,31 @@ from pandora_lightning import __version__
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, read_model_file
 from pandora_lightning.training.precision import check_precision, reconcile_dtypes
+from pandora_lightning.training.sharded import read_sharded
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """A checkpoint as {"state_dict", "hyper_parameters", "fingerprints", ...}, or one line naming the problem."""
+    """A checkpoint (a file, or a sharded folder written under fsdp2) as {"state_dict", "hyper_parameters",
+    "fingerprints", ...}, or one line naming the problem."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        ckpt = read_sharded(path)
+    elif not path.is_file():
         raise PandoraError(f"checkpoint '{path}' does not exist")
-    if path.suffix == ".safetensors":
+    elif path.suffix == ".safetensors":
         return read_model_file(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = str(err).split("GLOBAL ", 1)[-1].split(" ", 1)[0] if "GLOBAL" in str(err) else "pickle code"
-        raise PandoraError(
-            f"checkpoint '{path}' holds Python objects besides tensors and plain containers ({refused}); it is refused "
-            f"because unpickling it could run code. Only load files you trust, and convert them to safetensors"
-        ) from None
-    except Exception as err:  # torch raises many types for a damaged file
-        raise PandoraError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            refused = str(err).split("GLOBAL ", 1)[-1].split(" ", 1)[0] if "GLOBAL" in str(err) else "pickle code"
+            raise PandoraError(
+                f"checkpoint '{path}' holds Python objects besides tensors and plain containers ({refused}); it is "
+                f"refused because unpickling it could run code. Only load files you trust, and convert them to safetensors"
+            ) from None
+        except Exception as err:  # torch raises many types for a damaged file
+            raise PandoraError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "recipe" not in ckpt.get("hyper_parameters", {}):
         raise PandoraError(f"checkpoint '{path}' is not a pandora-lightning stage checkpoint (no recipe inside)")
     ckpt.setdefault("fingerprints", {})

@@ -19,6 +19,8 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from, load_checkpoint_file
+from pandora_lightning.training.cluster import Requeue, check_slurm_layout, cluster_plugins
+from pandora_lightning.training.parallel import build_strategy, check_machine, trainer_precision
 from pandora_lightning.training.recipe import TrainingRecipe
 from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
 from pandora_lightning.training.model_file import write_model_file
@@ -55,8 +57,10 @@ def build_trainer(recipe: TrainingRecipe, run_dir: Path, extra_callbacks: list[L
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
+        strategy=build_strategy(recipe.parallel, cfg.strategy),
+        precision=trainer_precision(recipe.parallel, cfg.precision),
+        accumulate_grad_batches=recipe.parallel.accumulate_grad_batches,
+        plugins=cluster_plugins(),
         gradient_clip_val=cfg.gradient_clip_val or None,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=_logger(recipe, run_dir),
@@ -77,10 +81,13 @@ def build_trainer(recipe: TrainingRecipe, run_dir: Path, extra_callbacks: list[L
 
 
 def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: bool = False) -> Path:
-    """Train one stage as the recipe says; returns the path of the final checkpoint.
+    """Train one stage as the recipe says; returns the path of the final checkpoint (a folder under
+    parallel.strategy=fsdp2), or of `last` when a requeue signal stopped the run.
 
     The run folder must be new, or resumed (`trainer.resume_from`), or `overwrite` (see run_folder.py).
     """
+    check_slurm_layout(recipe.trainer.devices, recipe.trainer.num_nodes)
+    check_machine(recipe.parallel, recipe.trainer.devices, recipe.trainer.num_nodes)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if recipe.stage == "adapt":
         recipe = with_base_model(recipe)
@@ -92,7 +99,7 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
     stage_cls = STAGES[recipe.stage]
     check_resume(run_dir, recipe.trainer.resume_from)  # the cheap checks first, before the model loads
     loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
-    trainer = build_trainer(recipe, run_dir, callbacks)
+    trainer = build_trainer(recipe, run_dir, [*callbacks, Requeue()])
     lock = claim_run_folder(run_dir, recipe.trainer.resume_from, overwrite) if trainer.is_global_zero else None
     try:
         return _fit(recipe, run_dir, stage_cls, loader, trainer)
@@ -109,6 +116,8 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
         init_adapt_from(module, recipe.init_from)
     elif recipe.init_from:
         init_from(module, recipe.init_from)
+    counts = [sum(p.numel() for p in module.parameters() if p.requires_grad is on) for on in (True, False)]
+    check_machine(recipe.parallel, recipe.trainer.devices, recipe.trainer.num_nodes, *counts)
     if texts and trainer.is_global_zero:
         warn_unknown_words(vocabulary, texts)
     if trainer.is_global_zero:
@@ -123,6 +132,8 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
             f"`pandora-lightning shards verify {recipe.data.manifest}`, fix or drop them (or raise the limit), then "
             f"resume with trainer.resume_from=last"
         )
+    if next(c for c in trainer.callbacks if isinstance(c, Requeue)).stopped:
+        return Path(trainer.checkpoint_callback.last_model_path)
     # The model file: trained tensors + recipe + folder fingerprints (no optimizer state), what
     # generate, score, export and init_from read.
     final = run_dir / "checkpoints" / "final.safetensors"

@@ -10,6 +10,7 @@ from pandora_lightning.config import load_structured
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.models.world_model import WorldModelConfig
 from pandora_lightning.training.precision import check_precision
+from pandora_lightning.training.parallel import ParallelConfig
 
 STAGE_NAMES = ("align", "instruct", "adapt")
 
@@ -138,6 +139,8 @@ class TrainingRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # How the stage is spread over processes (ddp | fsdp2), checkpointing, compile, accumulation.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.stage not in STAGE_NAMES:

@@ -16,6 +16,7 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.world_model import WorldModel
 from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, fingerprints, saved_keys
 from pandora_lightning.training.precision import compute_dtype, reconcile_dtypes
+from pandora_lightning.training.parallel import configure as configure_parallel
 from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
 from pandora_lightning.training.lora import add_lora
 from pandora_lightning.training.trainable import frozen_children, set_trainable, trainable_table
@@ -64,6 +65,12 @@ class WorldModelStage(L.LightningModule):
         for module in self._frozen:
             module.eval()
         return self
+
+    def configure_model(self) -> None:
+        # Lightning calls this once the processes exist (FSDP2 needs the device mesh); only once per module.
+        if not getattr(self, "_parallel_applied", False):
+            configure_parallel(self, self.recipe.parallel, self.recipe.trainer.precision)
+            self._parallel_applied = True
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[{self.stage}] trainable / frozen parameters:\n{trainable_table(self.model)}")

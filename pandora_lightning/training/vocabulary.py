@@ -55,7 +55,7 @@ def resolve_vocabulary(recipe: TrainingRecipe, texts: list[str] | None = None, f
     resume = recipe.trainer.resume_from if from_checkpoints else None
     if resume:
         path = Path(recipe.run_dir) / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-        if path.is_file():
+        if path.exists():  # a file, or a sharded checkpoint folder (fsdp2)
             return stored_vocabulary(load_checkpoint_file(path), path)
     if recipe.init_from and from_checkpoints:
         return stored_vocabulary(load_checkpoint_file(recipe.init_from), recipe.init_from)

@@ -1,0 +1,219 @@
+"""The reference-size model on one GPU: step time, tokens/s and MFU in bf16, peak memory against
+`plan`'s estimate, activation estimates (meta device) against measured activations, and the time
+of one rollout round. Components are built from configs with random weights (no downloads).
+
+    python -m pandora_lightning.bench.scale [--tiny] [--out scale.json]
+
+`--tiny` runs the same script at test size (CPU), to check it before spending GPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pandora_lightning.inference.rollout import rollout
+from pandora_lightning.recipe import load_recipe
+from pandora_lightning.training import plan
+from pandora_lightning.training.parallel import apply_activation_checkpointing
+from pandora_lightning.training.stage import STAGES
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "instruct.yaml"
+# Reference sizes (DESIGN.md): Llama-7B-class LLM, CLIP ViT-L/14, Q-Former 768/12/77, an SVD-size
+# UNet (4 levels 320-1280, 2 layers each, cross-attention 1024), an OpenCLIP-H-size text encoder.
+# The UNet runs on 8x8 pixel patches (192 channels) instead of 4 VAE latent channels: the same
+# 1/8-size grid, so the same blocks and nearly the same FLOPs.
+REFERENCE = [
+    "model.vision.kind=clip", "model.vision.image_size=224", "model.vision.patch_size=14", "model.vision.hidden_size=1024",
+    "model.vision.num_layers=24", "model.vision.num_heads=16", "model.input_adapter.tokens_per_frame=100",
+    "model.llm.hidden_size=4096", "model.llm.num_layers=32", "model.llm.num_heads=32", "model.llm.intermediate_size=11008",
+    "model.llm.num_query_tokens=64", "model.llm.max_text_tokens=32",
+    "model.output_adapter.hidden_size=768", "model.output_adapter.num_layers=12", "model.output_adapter.num_heads=12",
+    "model.output_adapter.intermediate_size=3072", "model.output_adapter.num_queries=77",
+    "model.output_adapter.cross_attention_frequency=2",
+    "model.generator.patch_size=8", "model.generator.block_out_channels=[320,640,1280,1280]",
+    "model.generator.layers_per_block=2", "model.generator.attention_head_dim=64", "model.generator.cross_attention_dim=1024",
+    "model.text_encoder.num_layers=24", "model.text_encoder.num_heads=16", "model.text_encoder.intermediate_size=4096",
+    "trainer.precision=bf16-mixed", "loss.text_dropout=0", "init_from=null", "vocabulary=null",
+]
+TINY = ["trainer.precision=bf16-mixed", "loss.text_dropout=0", "init_from=null", "model.generator.frames=6"]
+VOCAB = "move slide step left right up down grow shrink bigger smaller the object to".split()
+PEAK_TFLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16
+
+
+def clip(frames: int, size: int, cond: int) -> list[str]:
+    return [f"model.generator.frames={frames}", f"model.generator.cond_frames={cond}", f"model.generator.image_size={size}"]
+
+
+def build(recipe, device: str):
+    with torch.device(device):
+        stage = STAGES[recipe.stage].from_recipe(recipe, VOCAB)
+    stage.to(device)
+    for p in stage.parameters():  # frozen weights in the compute dtype, trainable ones fp32 (as a bf16 run keeps them)
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return stage
+
+
+def batch_for(recipe, device: str, batch: int = 1) -> dict:
+    g = recipe.model.generator
+    frames = torch.randint(0, 255, (batch, g.frames, 3, g.image_size, g.image_size), dtype=torch.uint8, device=device)
+    return {"frames": frames, "text": ["move the object to the left"] * batch}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measured_activations(stage, recipe, device: str) -> int:
+    """Bytes allocated above the model during forward + backward, gradients dropped as they arrive
+    (the definition `plan.measure_step` uses on meta). On CPU: the same tracker on real tensors."""
+    batch = batch_for(recipe, device)
+    step = lambda: stage.losses(batch)["loss"]  # noqa: E731
+    autocast = torch.autocast(device, dtype=torch.bfloat16)
+    if device != "cuda":
+        with autocast:
+            return plan.measure_step(stage, step, device)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+             for p in stage.parameters() if p.requires_grad]
+    sync(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with autocast:
+        loss = step()
+    loss.backward()
+    sync(device)
+    for h in hooks:
+        h.remove()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def estimated_activations(recipe, checkpointing: bool) -> int:
+    stage = plan.build_on_meta(recipe)
+    for p in stage.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return plan.measure_activations(stage, recipe, 1, plan.checkpointable(stage.model) if checkpointing else [])
+
+
+def model_flops(recipe) -> int:
+    """FLOPs of one training step (forward + backward, no recomputation), counted on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stage = plan.build_on_meta(recipe)
+    stage.train()
+    batch = plan.plan_batch(recipe, 1)
+    with torch.device("meta"), plan.MetaScalars(), FlopCounterMode(display=False) as counter:
+        stage.losses(batch)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def run(tiny: bool, steps: int) -> dict:
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    base = TINY if tiny else REFERENCE
+    ref_clip = clip(6, 32, 2) if tiny else clip(16, 384, 4)
+    mid_clip = clip(4, 32, 2) if tiny else clip(8, 256, 4)
+    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    t0 = time.perf_counter()
+    recipe = load_recipe(RECIPE, [*base, *ref_clip])
+    stage = build(recipe, device)
+    sync(device)
+    counts = plan.count(stage.model)
+    out["build_s"] = round(time.perf_counter() - t0, 1)
+    out["params"] = {"trainable": counts.trainable, "frozen": counts.frozen,
+                     "total": counts.total_trainable + counts.total_frozen, "trainable_total": counts.total_trainable}
+    stage.train()
+    ckpt_components = plan.checkpointable(stage.model)
+
+    # 1. activations, measured vs estimated on meta: mid clip without checkpointing
+    mid = load_recipe(RECIPE, [*base, *mid_clip])
+    measured = measured_activations(stage, mid, device)
+    estimated = estimated_activations(mid, False)
+    out["activations_mid_clip_no_ckpt"] = {"clip": mid_clip, "measured_GiB": measured / 2**30, "estimated_GiB": estimated / 2**30,
+                                           "estimate/measured": estimated / measured}
+    # 2. then with activation checkpointing, at the reference clip
+    apply_activation_checkpointing(stage.model, ckpt_components)
+    stage.train()
+    measured = measured_activations(stage, recipe, device)
+    estimated = estimated_activations(recipe, True)
+    out["activations_ref_clip_ckpt"] = {"clip": ref_clip, "checkpointing": ckpt_components, "measured_GiB": measured / 2**30,
+                                        "estimated_GiB": estimated / 2**30, "estimate/measured": estimated / measured}
+
+    # 3. training steps at the reference clip: step time, throughput, MFU, peak memory vs plan
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
+    batch = batch_for(recipe, device)
+
+    def train_step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = stage.losses(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    train_step()  # optimizer state exists from here on
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step()
+    sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    g = recipe.model.generator
+    llm_tokens = g.cond_frames * recipe.model.input_adapter.tokens_per_frame + recipe.model.llm.max_text_tokens \
+        + recipe.model.llm.num_query_tokens
+    unet_tokens = g.frames * (g.image_size // g.patch_size) ** 2
+    flops = model_flops(recipe)
+    peak_flops = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
+    out["train_step"] = {
+        "loss": float(loss), "step_s": step_s, "samples_per_s": 1 / step_s, "frames_per_s": g.frames / step_s,
+        "llm_tokens_per_s": llm_tokens / step_s, "unet_positions_per_s": unet_tokens / step_s,
+        "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
+        "mfu": flops / step_s / peak_flops if peak_flops else None,
+        "note": "MFU counts model FLOPs (forward + backward, no recomputation) against dense bf16 peak",
+    }
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        act = out["activations_ref_clip_ckpt"]["estimated_GiB"] * 2**30
+        est = plan.peak_bytes(plan.Setting("ddp", True, False), counts, int(act), 1, 2, 2, multi=False)
+        out["peak_memory"] = {"measured_GiB": peak / 2**30, "plan_GiB_without_reserve": (est["total"] - plan.RESERVE) / 2**30,
+                              "plan/measured": (est["total"] - plan.RESERVE) / peak,
+                              "reserved_GiB": torch.cuda.max_memory_reserved() / 2**30}
+    del optimizer, trainable
+    stage.zero_grad(set_to_none=True)
+
+    # 4. one rollout round at the reference clip (bf16, 25 sampler steps)
+    stage.eval()
+    stage.model.generator.cfg.num_inference_steps = 2
+    start = batch["frames"][:, 0].to(torch.float32) / 127.5 - 1
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        rollout(stage.model, start, [["move left"]], seed=0)  # warm-up
+        stage.model.generator.cfg.num_inference_steps = 25
+        sync(device)
+        t0 = time.perf_counter()
+        video = rollout(stage.model, start, [["move left"]], seed=0)
+        sync(device)
+    out["rollout_round"] = {"seconds": time.perf_counter() - t0, "sampler_steps": 25, "frames": list(video.shape)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default="scale.json")
+    args = parser.parse_args()
+    result = run(args.tiny, args.steps)
+    text = json.dumps(result, indent=1, default=str)
+    print(text)
+    Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""`pandora-lightning plan RECIPE --gpus N`: parameters per component and the peak memory per GPU of
+each way to run the recipe, with the activations measured, not guessed.
+
+The stage is built on the meta device (shapes, no memory, no weights needed) and one training step
+(forward + backward) runs there on a batch of the recipe's size. A dispatch mode records every
+tensor the step creates and when it is freed, so the peak of live non-parameter bytes is the
+activation peak of the real step: stored activations, recomputation under activation
+checkpointing, temporaries. Gradients are dropped as they arrive and counted separately, as the
+strategies store them differently. Weights, gradients and optimizer state follow from the counts:
+
+  ddp    per GPU: trainable fp32 master (4) + grad (4) + DDP bucket (4) + Adam moments (8) bytes,
+         frozen weights in their dtype, the bf16 autocast copies of trainable weights (2 under bf16)
+  fsdp2  per GPU: the same sharded over N GPUs (no buckets), plus the gathered blocks in flight:
+         the largest component root, two blocks (one prefetched) and one block's gradients
+  offload (fsdp2): the sharded part moves to host memory
+  precomputed: the frozen encoders (vision tower, VAE, text encoder) are not on the GPU
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.parallel import COMPONENTS, blocks_of, component_units
+
+GiB = 2**30
+RESERVE = 1.5 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: not measured, added as is
+HEADROOM = 0.10
+FROZEN_INPUTS = ("vision", "generator.vae", "text_encoder")  # what precomputed inputs take off the GPU
+
+
+class MetaScalars(TorchDispatchMode):
+    """On meta tensors a value-dependent read (`.item()`, `bool(t)`, as transformers' mask checks do)
+    answers 1: the planning batch has no padding, so "all ones" is the true answer there."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return 1.0 if args[0].dtype.is_floating_point else 1
+        return func(*args, **(kwargs or {}))
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensors created inside the mode (parameters and buffers excluded), by storage.
+
+    On meta tensors a value-dependent read (`.item()`, `bool(t)`, as transformers' mask checks do)
+    answers 1: the planning batch has no padding, so "all ones" is the true answer there.
+    """
+
+    def __init__(self, exclude: WeakIdKeyDictionary):
+        super().__init__()
+        self.exclude, self.seen = exclude, WeakIdKeyDictionary()
+        self.current = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return 1.0 if args[0].dtype.is_floating_point else 1
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage in self.seen or storage in self.exclude:
+                continue
+            nbytes = storage.nbytes()
+            self.seen[storage] = nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, nbytes)
+        return out
+
+
+def measure_step(module: nn.Module, step, device: str | torch.device = "meta") -> int:
+    """Peak activation bytes of `step()` (a forward returning a loss) plus its backward on `module`."""
+    exclude = WeakIdKeyDictionary()
+    for t in [*module.parameters(), *module.buffers()]:
+        exclude[t.untyped_storage()] = True
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+             for p in module.parameters() if p.requires_grad]
+    mode = LiveBytes(exclude)
+    try:
+        with torch.device(device), mode:
+            loss = step()
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return mode.peak
+
+
+@contextmanager
+def on_meta():
+    """Build modules on the meta device; a few libraries create tensors with legacy constructors
+    (`torch.Tensor([x])`) that ignore the device context, so callers move the result with `.to("meta")`."""
+    with torch.device("meta"):
+        yield
+
+
+@dataclass
+class Counts:
+    """Parameter counts of a model, per component, split trainable / frozen."""
+
+    trainable: dict[str, int] = field(default_factory=dict)
+    frozen: dict[str, int] = field(default_factory=dict)
+    largest_block: int = 0  # params of the largest FSDP block unit
+    largest_root: int = 0  # params a component unit holds outside its blocks (gathered for its whole forward)
+    frozen_inputs: int = 0  # frozen encoder params that precomputed inputs take off the GPU
+
+    @property
+    def total_trainable(self) -> int:
+        return sum(self.trainable.values())
+
+    @property
+    def total_frozen(self) -> int:
+        return sum(self.frozen.values())
+
+
+def count(model: nn.Module) -> Counts:
+    c = Counts()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "generator" else parts[0]
+        bucket = c.trainable if p.requires_grad else c.frozen
+        bucket[key] = bucket.get(key, 0) + p.numel()
+        if not p.requires_grad and any(name.startswith(f"{f}.") for f in FROZEN_INPUTS):
+            c.frozen_inputs += p.numel()
+    for unit in component_units(model).values():
+        blocks = blocks_of(unit)
+        in_blocks = 0
+        for block in blocks:
+            n = sum(p.numel() for p in block.parameters())
+            c.largest_block = max(c.largest_block, n)
+            in_blocks += n
+        c.largest_root = max(c.largest_root, sum(p.numel() for p in unit.parameters()) - in_blocks)
+    return c
+
+
+@dataclass
+class Setting:
+    strategy: str  # ddp | fsdp2
+    checkpointing: bool
+    precomputed: bool
+    offload: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [self.strategy]
+        if self.checkpointing:
+            parts.append("act. ckpt")
+        if self.precomputed:
+            parts.append("precomputed")
+        if self.offload:
+            parts.append("cpu offload")
+        return " + ".join(parts)
+
+
+def peak_bytes(s: Setting, c: Counts, activations: int, gpus: int, compute_bytes: int, frozen_bytes: int,
+               multi: bool = True) -> dict:
+    """Per-GPU bytes of one setting: static state, gathered blocks, activations, reserve.
+    `multi`: DDP over several processes keeps a second copy of the gradients in its buckets."""
+    t = c.total_trainable
+    f = c.total_frozen - (c.frozen_inputs if s.precomputed else 0)
+    if s.strategy == "ddp":
+        static = (20 if multi else 16) * t + frozen_bytes * f + (2 * t if compute_bytes == 2 else 0)
+        gathered = 0
+    else:
+        static = 0 if s.offload else (16 * t + frozen_bytes * f) / gpus
+        gathered = compute_bytes * (c.largest_root + 2 * c.largest_block) + (compute_bytes + 4) * c.largest_block
+    total = static + gathered + activations + RESERVE
+    return {"static": static, "gathered": gathered, "activations": activations, "total": total}
+
+
+def settings(gpus: int) -> list[Setting]:
+    """From the simplest to the most memory-saving: the first that fits is the one to use."""
+    out = []
+    for strategy in (["ddp"] if gpus < 2 else ["ddp", "fsdp2"]):
+        for precomputed in (False, True):
+            for checkpointing in (False, True):
+                out.append(Setting(strategy, checkpointing, precomputed))
+    if gpus >= 2:
+        out.append(Setting("fsdp2", True, True, offload=True))
+    return out
+
+
+def checkpointable(model: nn.Module) -> list[str]:
+    """Components that store activations in a training step (they train, or grads pass through them)."""
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    return [c for c in COMPONENTS if c in trainable and c != "input_adapter"]
+
+
+# --- the plan of a recipe ----------------------------------------------------------------------
+
+
+def build_on_meta(recipe):
+    """The recipe's stage with every parameter on the meta device (no memory, no weights read)."""
+    from pandora_lightning.training.stage import STAGES
+    from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary
+
+    vocabulary: list[str] = []
+    if needs_vocabulary(recipe):
+        try:
+            vocabulary = resolve_vocabulary(recipe, from_checkpoints=False)
+        except (PandoraError, OSError):  # no data here: the tiny tokenizers' size hardly matters for a plan
+            vocabulary = [f"w{i}" for i in range(64)]
+    with on_meta():
+        stage = STAGES[recipe.stage].from_recipe(recipe, vocabulary)
+    return stage.to("meta")
+
+
+def plan_batch(recipe, batch_size: int, device="meta") -> dict:
+    g = recipe.model.generator
+    height, width = (getattr(g, "height", None) or g.image_size), (getattr(g, "width", None) or g.image_size)
+    frames = torch.zeros(batch_size, g.frames, 3, height, width, dtype=torch.uint8, device=device)
+    return {"frames": frames, "text": ["move the object to the left"] * batch_size}
+
+
+def measure_activations(stage, recipe, batch_size: int, checkpointing: list[str]) -> int:
+    """Peak activation bytes of one training step of `stage` on meta (checkpointing switched on first)."""
+    from pandora_lightning.training.parallel import apply_activation_checkpointing
+
+    dtype = _compute_dtype(recipe.trainer.precision)
+    if checkpointing:
+        # the recomputation in backward runs outside the modes of the forward: give it the same casts
+        extra = {"context_fn": lambda: (_nothing(), MetaAutocast(dtype))} if dtype != torch.float32 else {}
+        apply_activation_checkpointing(stage.model, checkpointing, **extra)
+    stage.train()
+    batch = plan_batch(recipe, batch_size)
+    with MetaAutocast(dtype) if dtype != torch.float32 else _nothing():
+        return measure_step(stage, lambda: stage.losses(batch)["loss"])
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+class MetaAutocast(TorchFunctionMode):
+    """torch.autocast's casting rules, applied where autocast cannot run (meta tensors): matmuls,
+    convolutions and attention in the low dtype, normalisations, softmax and losses in fp32. It acts
+    above autograd, so what backward saves has the dtype a GPU run saves."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        F = torch.nn.functional
+        self.low = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                    torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention,
+                    torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.bmm, torch.einsum,
+                    # composites whose inner calls the mode does not see (it is off while its handler runs)
+                    F.multi_head_attention_forward}
+        self.high = {F.group_norm, F.layer_norm, F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax,
+                     F.mse_loss, F.cross_entropy, torch.exp, torch.Tensor.exp, torch.Tensor.pow, torch.pow,
+                     torch.Tensor.norm, torch.norm, torch.nn.functional.rms_norm}
+
+    def _cast(self, args, kwargs, frm, to):
+        def cast(x):
+            return x.to(to) if isinstance(x, torch.Tensor) and x.dtype == frm else x
+
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.low:
+            args, kwargs = self._cast(args, kwargs, torch.float32, self.dtype)
+        elif func in self.high:
+            args, kwargs = self._cast(args, kwargs, self.dtype, torch.float32)
+        return func(*args, **kwargs)
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def make_plan(recipe, gpus: int, gpu_memory_gib: float = 80.0, batch_size: int | None = None) -> dict:
+    """Counts, measured activations and per-GPU peak of every setting; the first that fits."""
+    batch = batch_size or recipe.data.batch_size
+    recipe.loss.text_dropout = 0.0  # random text dropout reads values; the plan's batch keeps every text
+    stage = build_on_meta(recipe)
+    counts = count(stage.model)
+    ckpt = checkpointable(stage.model)
+    compute = 2 if _compute_dtype(recipe.trainer.precision) != torch.float32 else 4
+    activations = {}
+    for checkpointing in (False, True):
+        for precomputed in (False, True):
+            stage = build_on_meta(recipe)
+            if precomputed:
+                _bypass_frozen_inputs(stage)
+            activations[(checkpointing, precomputed)] = measure_activations(
+                stage, recipe, batch, ckpt if checkpointing else [])
+    rows = [(s, peak_bytes(s, counts, activations[(s.checkpointing, s.precomputed)], gpus, compute, compute, multi=gpus > 1))
+            for s in settings(gpus)]
+    return {"recipe": recipe, "gpus": gpus, "batch": batch, "counts": counts, "checkpointable": ckpt,
+            **choose(rows, gpu_memory_gib)}
+
+
+def choose(rows: list, gpu_memory_gib: float) -> dict:
+    """Mark what fits in `gpu_memory_gib` with the headroom; the first (simplest) that fits is the best."""
+    for _, mem in rows:
+        mem["fits"] = mem["total"] <= (1 - HEADROOM) * gpu_memory_gib * GiB
+    return {"rows": rows, "gpu_memory": gpu_memory_gib, "best": next(((s, m) for s, m in rows if m["fits"]), None)}
+
+
+def _bypass_frozen_inputs(stage) -> None:
+    """What training from precomputed inputs leaves of the frozen encoders: their outputs, read from
+    the batch. Each stub returns a fresh tensor of the encoder's output shape (as a loaded batch would)."""
+    model = stage.model
+    model.vision.forward = _stubbed(model.vision.forward)
+    if model.text_encoder is not None:
+        model.text_encoder.forward = _stubbed(model.text_encoder.forward)
+    vae = getattr(model.generator, "vae", None)
+    if vae is not None:
+        vae.encode = _stubbed(vae.encode)
+
+
+def _stubbed(real):
+    """`real`'s output computed once outside the measurement, then a fresh uninitialised copy per call."""
+    cache: dict = {}
+
+    def fake(*args, **kwargs):
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in args)
+        if key not in cache:
+            with torch.no_grad(), _disable_current_modes(), MetaScalars():
+                cache[key] = real(*args, **kwargs)
+        return tree_map(lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else t, cache[key])
+
+    return fake
+
+
+def format_plan(plan: dict) -> str:
+    c: Counts = plan["counts"]
+    recipe = plan["recipe"]
+    g = recipe.model.generator
+    size = f"{getattr(g, 'height', None) or g.image_size}x{getattr(g, 'width', None) or g.image_size}"
+    lines = [f"plan for {recipe.stage} ({recipe.name}) on {plan['gpus']} GPU(s) x {plan['gpu_memory']:g} GiB, "
+             f"batch {plan['batch']} per GPU, clips of {g.frames} frames at {size}, precision {recipe.trainer.precision}", ""]
+    width = max(len(k) for k in {**c.trainable, **c.frozen})
+    lines.append(f"{'component':<{width}}  {'parameters':>14}  {'trainable':>14}")
+    for key in sorted({**c.trainable, **c.frozen}, key=lambda k: [*dict.fromkeys(n.split('.')[0] for n in (*c.trainable, *c.frozen))].index(k.split('.')[0])):
+        on, off = c.trainable.get(key, 0), c.frozen.get(key, 0)
+        lines.append(f"{key:<{width}}  {on + off:>14,}  {on:>14,}")
+    total = c.total_trainable + c.total_frozen
+    lines.append(f"{'total':<{width}}  {total:>14,}  {c.total_trainable:>14,}  "
+                 f"({100 * c.total_trainable / max(1, total):.1f}% trainable)")
+    lines += ["", f"activations measured by a meta-device training step; checkpointing covers {plan['checkpointable']}; "
+              f"+{RESERVE / GiB:.1f} GiB reserve for the CUDA context and allocator; fits = at most "
+              f"{100 * (1 - HEADROOM):.0f}% of the GPU", ""]
+    lines.append(f"{'setting':<44} {'weights/grads/optim':>19} {'gathered':>9} {'activations':>12} {'peak/GPU':>9}  fits")
+    for s, m in plan["rows"]:
+        lines.append(f"{s.name:<44} {m['static'] / GiB:>16.1f} GiB {m['gathered'] / GiB:>5.1f} GiB "
+                     f"{m['activations'] / GiB:>8.1f} GiB {m['total'] / GiB:>5.1f} GiB  {'yes' if m['fits'] else 'no'}")
+    lines.append("")
+    if plan["best"] is None:
+        lines.append("nothing fits: lower data.batch_size or generator.frames, or use more GPUs")
+    else:
+        s, m = plan["best"]
+        lines.append(f"smallest setting that fits: {s.name} ({m['total'] / GiB:.1f} of {plan['gpu_memory']:g} GiB, "
+                     f"{100 * (1 - m['total'] / (plan['gpu_memory'] * GiB)):.0f}% headroom)")
+        lines.append("  recipe overrides: " + " ".join(recipe_overrides(s, plan["checkpointable"])))
+    return "\n".join(lines)
+
+
+def recipe_overrides(s: Setting, checkpointable_components: list[str]) -> list[str]:
+    out = [f"parallel.strategy={s.strategy}"]
+    if s.checkpointing:
+        out.append(f"parallel.activation_checkpointing=[{','.join(checkpointable_components)}]")
+    if s.offload:
+        out.append("parallel.cpu_offload=true")
+    if s.precomputed:
+        out.append("(train from precomputed inputs: shards encode)")
+    return out

@@ -1,0 +1,72 @@
+"""Test driver: one rank of a multi-process `fit`, launched the way SLURM or torchrun launch ranks
+(each process started from outside with its rank in the environment, see `launch`).
+
+    python -m tests.dist_fit OUT RECIPE [key=value ...]
+
+Each rank appends {"step", "loss", "keys"} per step to OUT/steps-<rank>.jsonl. With SIGNAL_AT_STEP=k
+in the environment, rank 0 sends itself SIGUSR1 after step k (the signal SLURM sends before the
+time limit) - only rank 0, as a real signal reaches the ranks at slightly different moments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StepLog(L.Callback):
+    def __init__(self, out: Path, signal_at: int):
+        self.out, self.signal_at = out, signal_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with open(self.out / f"steps-{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "loss": loss.item(), "keys": list(batch["key"])}) + "\n")
+        if self.signal_at and trainer.global_step == self.signal_at and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n: int, out: Path, recipe: str, *overrides: str, signal_at: int = 0, timeout: float = 600) -> list[str]:
+    """Run `n` ranks of this driver to completion; returns their outputs (raises if one failed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        env = {**os.environ, "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "SIGNAL_AT_STEP": str(signal_at), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "tests.dist_fit", str(out), recipe, *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        if p.returncode != 0:
+            raise AssertionError(f"rank {rank} exited with {p.returncode}:\n{log[-4000:]}")
+    return logs
+
+
+def steps(out: Path, rank: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (out / f"steps-{rank}.jsonl").read_text().splitlines()]
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)
+    from pandora_lightning.recipe import load_recipe
+    from pandora_lightning.training.fit import fit
+
+    out_dir, recipe_path, *overrides = sys.argv[1:]
+    fit(load_recipe(recipe_path, overrides), callbacks=[StepLog(Path(out_dir), int(os.environ.get("SIGNAL_AT_STEP", "0")))])
