@@ -112,94 +112,137 @@ def model_flops(recipe) -> int:
     return counter.get_total_flops()
 
 
-def run(tiny: bool, steps: int) -> dict:
+class Sections:
+    """Runs each measurement on its own: one that fails is recorded, the others still run; every
+    result is printed as soon as it exists (a GPU lease may end before the last one)."""
+
+    def __init__(self, out: dict, path: Path | None):
+        self.out, self.path = out, path
+
+    def __call__(self, name: str, fn):
+        t0 = time.perf_counter()
+        try:
+            self.out[name] = fn()
+        except Exception as err:  # noqa: BLE001 - record and go on
+            self.out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        if isinstance(self.out[name], dict):
+            self.out[name]["section_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({name: self.out[name]}, default=str), flush=True)
+        if self.path:
+            self.path.write_text(json.dumps(self.out, indent=1, default=str) + "\n")
+        return self.out[name]
+
+
+def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     base = TINY if tiny else REFERENCE
     ref_clip = clip(6, 32, 2) if tiny else clip(16, 384, 4)
     mid_clip = clip(4, 32, 2) if tiny else clip(8, 256, 4)
     out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
-    t0 = time.perf_counter()
+    section = Sections(out, path)
     recipe = load_recipe(RECIPE, [*base, *ref_clip])
-    stage = build(recipe, device)
-    sync(device)
-    counts = plan.count(stage.model)
-    out["build_s"] = round(time.perf_counter() - t0, 1)
-    out["params"] = {"trainable": counts.trainable, "frozen": counts.frozen,
-                     "total": counts.total_trainable + counts.total_frozen, "trainable_total": counts.total_trainable}
-    stage.train()
-    ckpt_components = plan.checkpointable(stage.model)
-
-    # 1. activations, measured vs estimated on meta: mid clip without checkpointing
     mid = load_recipe(RECIPE, [*base, *mid_clip])
-    measured = measured_activations(stage, mid, device)
-    estimated = estimated_activations(mid, False)
-    out["activations_mid_clip_no_ckpt"] = {"clip": mid_clip, "measured_GiB": measured / 2**30, "estimated_GiB": estimated / 2**30,
-                                           "estimate/measured": estimated / measured}
-    # 2. then with activation checkpointing, at the reference clip
-    apply_activation_checkpointing(stage.model, ckpt_components)
-    stage.train()
-    measured = measured_activations(stage, recipe, device)
-    estimated = estimated_activations(recipe, True)
-    out["activations_ref_clip_ckpt"] = {"clip": ref_clip, "checkpointing": ckpt_components, "measured_GiB": measured / 2**30,
-                                        "estimated_GiB": estimated / 2**30, "estimate/measured": estimated / measured}
+    state: dict = {}
 
-    # 3. training steps at the reference clip: step time, throughput, MFU, peak memory vs plan
-    trainable = [p for p in stage.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
-    batch = batch_for(recipe, device)
-
-    def train_step():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = stage.losses(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    train_step()  # optimizer state exists from here on
-    sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = train_step()
-    sync(device)
-    step_s = (time.perf_counter() - t0) / steps
-    g = recipe.model.generator
-    llm_tokens = g.cond_frames * recipe.model.input_adapter.tokens_per_frame + recipe.model.llm.max_text_tokens \
-        + recipe.model.llm.num_query_tokens
-    unet_tokens = g.frames * (g.image_size // g.patch_size) ** 2
-    flops = model_flops(recipe)
-    peak_flops = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
-    out["train_step"] = {
-        "loss": float(loss), "step_s": step_s, "samples_per_s": 1 / step_s, "frames_per_s": g.frames / step_s,
-        "llm_tokens_per_s": llm_tokens / step_s, "unet_positions_per_s": unet_tokens / step_s,
-        "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
-        "mfu": flops / step_s / peak_flops if peak_flops else None,
-        "note": "MFU counts model FLOPs (forward + backward, no recomputation) against dense bf16 peak",
-    }
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        act = out["activations_ref_clip_ckpt"]["estimated_GiB"] * 2**30
-        est = plan.peak_bytes(plan.Setting("ddp", True, False), counts, int(act), 1, 2, 2, multi=False)
-        out["peak_memory"] = {"measured_GiB": peak / 2**30, "plan_GiB_without_reserve": (est["total"] - plan.RESERVE) / 2**30,
-                              "plan/measured": (est["total"] - plan.RESERVE) / peak,
-                              "reserved_GiB": torch.cuda.max_memory_reserved() / 2**30}
-    del optimizer, trainable
-    stage.zero_grad(set_to_none=True)
-
-    # 4. one rollout round at the reference clip (bf16, 25 sampler steps)
-    stage.eval()
-    stage.model.generator.cfg.num_inference_steps = 2
-    start = batch["frames"][:, 0].to(torch.float32) / 127.5 - 1
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        rollout(stage.model, start, [["move left"]], seed=0)  # warm-up
-        stage.model.generator.cfg.num_inference_steps = 25
-        sync(device)
+    def build_model():
         t0 = time.perf_counter()
-        video = rollout(stage.model, start, [["move left"]], seed=0)
+        state["stage"] = stage = build(recipe, device)
         sync(device)
-    out["rollout_round"] = {"seconds": time.perf_counter() - t0, "sampler_steps": 25, "frames": list(video.shape)}
+        counts = state["counts"] = plan.count(stage.model)
+        stage.train()
+        state["ckpt"] = plan.checkpointable(stage.model)
+        return {"build_s": round(time.perf_counter() - t0, 1), "trainable": counts.trainable, "frozen": counts.frozen,
+                "total": counts.total_trainable + counts.total_frozen, "trainable_total": counts.total_trainable}
+
+    def activations(rec, checkpointing: bool):
+        def fn():
+            stage = state["stage"]
+            if checkpointing and not state.get("ckpt_on"):
+                apply_activation_checkpointing(stage.model, state["ckpt"])
+                stage.train()
+                state["ckpt_on"] = True
+            measured = measured_activations(stage, rec, device)
+            estimated = estimated_activations(rec, checkpointing)
+            g = rec.model.generator
+            return {"clip": f"{g.frames} frames at {g.image_size}x{g.image_size}", "checkpointing": checkpointing,
+                    "measured_GiB": measured / 2**30, "estimated_GiB": estimated / 2**30,
+                    "estimate/measured": estimated / measured}
+        return fn
+
+    def train():
+        stage, counts = state["stage"], state["counts"]
+        trainable = [p for p in stage.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
+        batch = state["batch"] = batch_for(recipe, device)
+
+        def train_step():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = stage.losses(batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as trainer.gradient_clip_val=1.0 does
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        first_loss = float(train_step().detach())  # optimizer state exists from here on
+        sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step()
+        sync(device)
+        step_s = (time.perf_counter() - t0) / steps
+        result = {"checkpointing": state["ckpt"], "batch": 1, "first_loss": first_loss, "last_loss": float(loss.detach()),
+                  "step_s": step_s}
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+            act = out.get("activations_ref_clip_ckpt", {}).get("estimated_GiB")
+            result["peak_memory_GiB"] = peak / 2**30
+            result["max_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+            if act:
+                est = plan.peak_bytes(plan.Setting("ddp", True, False), counts, int(act * 2**30), 1, 2, 2, multi=False)
+                result["plan_peak_GiB_without_reserve"] = (est["total"] - plan.RESERVE) / 2**30
+                result["plan/measured"] = (est["total"] - plan.RESERVE) / peak
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        state["step_s"] = step_s
+        return result
+
+    def throughput():
+        step_s = state["step_s"]
+        g = recipe.model.generator
+        llm_tokens = g.cond_frames * recipe.model.input_adapter.tokens_per_frame + recipe.model.llm.max_text_tokens \
+            + recipe.model.llm.num_query_tokens
+        unet_tokens = g.frames * (g.image_size // g.patch_size) ** 2
+        flops = model_flops(recipe)
+        peak_flops = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
+        return {"samples_per_s": 1 / step_s, "frames_per_s": g.frames / step_s, "llm_tokens_per_s": llm_tokens / step_s,
+                "unet_positions_per_s": unet_tokens / step_s, "model_tflop_per_step": flops / 1e12,
+                "achieved_tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak_flops if peak_flops else None,
+                "note": "model FLOPs (forward + backward, no recomputation) / step time / dense bf16 peak"}
+
+    def rollout_round():
+        stage = state["stage"]
+        stage.eval()
+        stage.model.generator.cfg.num_inference_steps = 2
+        start = state["batch"]["frames"][:, 0].to(torch.float32) / 127.5 - 1
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            rollout(stage.model, start, [["move left"]], seed=0)  # warm-up
+            stage.model.generator.cfg.num_inference_steps = 25
+            sync(device)
+            t0 = time.perf_counter()
+            video = rollout(stage.model, start, [["move left"]], seed=0)
+            sync(device)
+        return {"seconds": time.perf_counter() - t0, "sampler_steps": 25, "video": list(video.shape),
+                "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+
+    section("model", build_model)
+    section("activations_mid_clip_no_ckpt", activations(mid, False))
+    section("activations_ref_clip_ckpt", activations(recipe, True))
+    section("train_step_ref_clip", train)
+    section("throughput", throughput)
+    section("rollout_round", rollout_round)
     return out
 
 
@@ -209,10 +252,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="scale.json")
     args = parser.parse_args()
-    result = run(args.tiny, args.steps)
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    Path(args.out).write_text(text + "\n")
+    run(args.tiny, args.steps, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ activation peak of the real step: stored activations, recomputation under activa
 checkpointing, temporaries. Gradients are dropped as they arrive and counted separately, as the
 strategies store them differently. Weights, gradients and optimizer state follow from the counts:
 
-  ddp    per GPU: trainable fp32 master (4) + grad (4) + DDP bucket (4) + Adam moments (8) bytes,
-         frozen weights in their dtype, the bf16 autocast copies of trainable weights (2 under bf16)
+  ddp    per GPU: trainable fp32 master (4) + Adam moments (8) + DDP bucket (4) bytes, frozen
+         weights in their dtype; gradients (4) only from backward to the optimizer step, so the
+         transient is the larger of activations and gradients
   fsdp2  per GPU: the same sharded over N GPUs (no buckets), plus the gathered blocks in flight:
          the largest component root, two blocks (one prefetched) and one block's gradients
   offload (fsdp2): the sharded part moves to host memory
@@ -166,18 +167,23 @@ class Setting:
 
 def peak_bytes(s: Setting, c: Counts, activations: int, gpus: int, compute_bytes: int, frozen_bytes: int,
                multi: bool = True) -> dict:
-    """Per-GPU bytes of one setting: static state, gathered blocks, activations, reserve.
-    `multi`: DDP over several processes keeps a second copy of the gradients in its buckets."""
+    """Per-GPU bytes of one setting: weights + optimizer state, gradients, gathered blocks, activations.
+
+    Gradients are freed after each optimizer step (set_to_none) and arrive during backward while
+    the activations are being freed, so the step's transient peak is the larger of the two. The
+    measured activations include autocast's low-precision copies of the weights. `multi`: DDP over
+    several processes keeps its gradient buckets for the whole run."""
     t = c.total_trainable
     f = c.total_frozen - (c.frozen_inputs if s.precomputed else 0)
     if s.strategy == "ddp":
-        static = (20 if multi else 16) * t + frozen_bytes * f + (2 * t if compute_bytes == 2 else 0)
-        gathered = 0
+        static = 12 * t + frozen_bytes * f + (4 * t if multi else 0)
+        grads, gathered = 4 * t, 0
     else:
-        static = 0 if s.offload else (16 * t + frozen_bytes * f) / gpus
+        static = 0 if s.offload else (12 * t + frozen_bytes * f) / gpus
+        grads = 0 if s.offload else 4 * t / gpus
         gathered = compute_bytes * (c.largest_root + 2 * c.largest_block) + (compute_bytes + 4) * c.largest_block
-    total = static + gathered + activations + RESERVE
-    return {"static": static, "gathered": gathered, "activations": activations, "total": total}
+    total = static + gathered + max(activations, grads) + RESERVE
+    return {"static": static, "grads": grads, "gathered": gathered, "activations": activations, "total": total}
 
 
 def settings(gpus: int) -> list[Setting]:
@@ -230,12 +236,11 @@ def measure_activations(stage, recipe, batch_size: int, checkpointing: list[str]
 
     dtype = _compute_dtype(recipe.trainer.precision)
     if checkpointing:
-        # the recomputation in backward runs outside the modes of the forward: give it the same casts
-        extra = {"context_fn": lambda: (_nothing(), MetaAutocast(dtype))} if dtype != torch.float32 else {}
-        apply_activation_checkpointing(stage.model, checkpointing, **extra)
+        # the recomputation in backward runs outside the modes of the forward: give it the same rules
+        apply_activation_checkpointing(stage.model, checkpointing, context_fn=lambda: (_nothing(), MetaAutocast(dtype)))
     stage.train()
     batch = plan_batch(recipe, batch_size)
-    with MetaAutocast(dtype) if dtype != torch.float32 else _nothing():
+    with MetaAutocast(dtype):
         return measure_step(stage, lambda: stage.losses(batch)["loss"])
 
 
@@ -244,10 +249,26 @@ def _nothing():
     yield
 
 
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention through the memory-efficient kernel's op (it has meta shapes)."""
+    if k.shape[-3] != q.shape[-3]:  # grouped-query attention: the kernel wants as many k/v heads as q heads
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[-3], q.shape[-2], k.shape[-2])
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, grad, dropout_p, is_causal,
+                                                                  scale=scale)[0]
+
+
 class MetaAutocast(TorchFunctionMode):
-    """torch.autocast's casting rules, applied where autocast cannot run (meta tensors): matmuls,
-    convolutions and attention in the low dtype, normalisations, softmax and losses in fp32. It acts
-    above autograd, so what backward saves has the dtype a GPU run saves."""
+    """What a GPU step does that meta tensors would not: torch.autocast's casting rules (matmuls,
+    convolutions and attention in the low dtype; normalisations, softmax and losses in fp32) and
+    fused attention (flash / memory-efficient kernels store the output and a log-sum-exp, never
+    the L x L attention matrix that the math fallback meta would take stores). It acts above
+    autograd, so what backward saves is what a GPU run saves. dtype float32: no casting."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -270,6 +291,12 @@ class MetaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.dtype == torch.float32:
+            return _fused_attention(*args, **kwargs) if func is torch.nn.functional.scaled_dot_product_attention \
+                else func(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            args, kwargs = self._cast(args, kwargs, torch.float32, self.dtype)
+            return _fused_attention(*args, **kwargs)
         if func in self.low:
             args, kwargs = self._cast(args, kwargs, torch.float32, self.dtype)
         elif func in self.high:
@@ -358,10 +385,10 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"activations measured by a meta-device training step; checkpointing covers {plan['checkpointable']}; "
               f"+{RESERVE / GiB:.1f} GiB reserve for the CUDA context and allocator; fits = at most "
               f"{100 * (1 - HEADROOM):.0f}% of the GPU", ""]
-    lines.append(f"{'setting':<44} {'weights/grads/optim':>19} {'gathered':>9} {'activations':>12} {'peak/GPU':>9}  fits")
+    lines.append(f"{'setting':<46} {'weights+optim':>13} {'grads':>9} {'gathered':>9} {'activations':>11} {'peak/GPU':>9}  fits")
     for s, m in plan["rows"]:
-        lines.append(f"{s.name:<44} {m['static'] / GiB:>16.1f} GiB {m['gathered'] / GiB:>5.1f} GiB "
-                     f"{m['activations'] / GiB:>8.1f} GiB {m['total'] / GiB:>5.1f} GiB  {'yes' if m['fits'] else 'no'}")
+        lines.append(f"{s.name:<46} {_gib(m['static']):>13} {_gib(m['grads']):>9} {_gib(m['gathered']):>9} "
+                     f"{_gib(m['activations']):>11} {_gib(m['total']):>9}  {'yes' if m['fits'] else 'no'}")
     lines.append("")
     if plan["best"] is None:
         lines.append("nothing fits: lower data.batch_size or generator.frames, or use more GPUs")
@@ -371,6 +398,10 @@ def format_plan(plan: dict) -> str:
                      f"{100 * (1 - m['total'] / (plan['gpu_memory'] * GiB)):.0f}% headroom)")
         lines.append("  recipe overrides: " + " ".join(recipe_overrides(s, plan["checkpointable"])))
     return "\n".join(lines)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.0f} MiB"
 
 
 def recipe_overrides(s: Setting, checkpointable_components: list[str]) -> list[str]:
