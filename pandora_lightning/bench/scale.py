@@ -44,8 +44,23 @@ VOCAB = "move slide step left right up down grow shrink bigger smaller the objec
 PEAK_TFLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16
 
 
-def clip(frames: int, size: int, cond: int) -> list[str]:
-    return [f"model.generator.frames={frames}", f"model.generator.cond_frames={cond}", f"model.generator.image_size={size}"]
+def nonsquare() -> bool:
+    from pandora_lightning.models.generator import GeneratorConfig
+
+    return "height" in GeneratorConfig.__dataclass_fields__
+
+
+def clip(frames: int, height: int, cond: int, width: int | None = None) -> list[str]:
+    """Recipe overrides for clips of `frames` frames at height x width (square where the generator
+    config has one size)."""
+    size = [f"model.generator.height={height}", f"model.generator.width={width or height}"] if nonsquare() \
+        else [f"model.generator.image_size={height}"]
+    return [f"model.generator.frames={frames}", f"model.generator.cond_frames={cond}", *size]
+
+
+def frame_size(recipe) -> tuple[int, int]:
+    g = recipe.model.generator
+    return (g.height, g.width) if nonsquare() else (g.image_size, g.image_size)
 
 
 def build(recipe, device: str):
@@ -59,8 +74,8 @@ def build(recipe, device: str):
 
 
 def batch_for(recipe, device: str, batch: int = 1) -> dict:
-    g = recipe.model.generator
-    frames = torch.randint(0, 255, (batch, g.frames, 3, g.image_size, g.image_size), dtype=torch.uint8, device=device)
+    height, width = frame_size(recipe)
+    frames = torch.randint(0, 255, (batch, recipe.model.generator.frames, 3, height, width), dtype=torch.uint8, device=device)
     return {"frames": frames, "text": ["move the object to the left"] * batch}
 
 
@@ -136,7 +151,8 @@ class Sections:
 def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     base = TINY if tiny else REFERENCE
-    ref_clip = clip(6, 32, 2) if tiny else clip(16, 384, 4)
+    # the reference 320 x 512 where the generator takes non-square frames, else a square of about its area
+    ref_clip = clip(6, 32, 2) if tiny else clip(16, 320, 4, 512) if nonsquare() else clip(16, 384, 4)
     mid_clip = clip(4, 32, 2) if tiny else clip(8, 256, 4)
     out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
     section = Sections(out, path)
@@ -163,8 +179,8 @@ def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
                 state["ckpt_on"] = True
             measured = measured_activations(stage, rec, device)
             estimated = estimated_activations(rec, checkpointing)
-            g = rec.model.generator
-            return {"clip": f"{g.frames} frames at {g.image_size}x{g.image_size}", "checkpointing": checkpointing,
+            height, width = frame_size(rec)
+            return {"clip": f"{rec.model.generator.frames} frames at {height}x{width}", "checkpointing": checkpointing,
                     "measured_GiB": measured / 2**30, "estimated_GiB": estimated / 2**30,
                     "estimate/measured": estimated / measured}
         return fn
@@ -214,7 +230,8 @@ def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
         g = recipe.model.generator
         llm_tokens = g.cond_frames * recipe.model.input_adapter.tokens_per_frame + recipe.model.llm.max_text_tokens \
             + recipe.model.llm.num_query_tokens
-        unet_tokens = g.frames * (g.image_size // g.patch_size) ** 2
+        height, width = frame_size(recipe)
+        unet_tokens = g.frames * (height // g.patch_size) * (width // g.patch_size)
         flops = model_flops(recipe)
         peak_flops = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
         return {"samples_per_s": 1 / step_s, "frames_per_s": g.frames / step_s, "llm_tokens_per_s": llm_tokens / step_s,
