@@ -57,7 +57,8 @@ def test_sbatch_script(tmp_path, capsys):
         assert line in script, line
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "-m pandora_lightning fit" in srun and "parallel.strategy=fsdp2" in srun
-    assert "trainer.devices=4 trainer.num_nodes=2" in srun and "trainer.resume_from=last" in srun
+    assert "trainer.devices=4 trainer.num_nodes=2" in srun and srun.endswith('${RESUME[@]+"${RESUME[@]}"}')
+    assert f"compgen -G {tmp_path}/run/checkpoints'/last*.ckpt'" in script and "RESUME=(trainer.resume_from=last)" in script
     assert (tmp_path / "run" / "slurm").is_dir(), "SLURM does not create the log folder itself"
     assert script in capsys.readouterr().out
 

@@ -143,7 +143,8 @@ def sbatch_script(job: SlurmJob, run_dir: str, python: str) -> str:
         )
     rest = [o for o in job.overrides if o.split("=", 1)[0] not in ("trainer.devices", "trainer.num_nodes", "trainer.resume_from")]
     args = [job.recipe, *rest, f"trainer.devices={job.gpus_per_node}", f"trainer.num_nodes={job.nodes}",
-            "trainer.accelerator=gpu", "trainer.resume_from=last"]
+            "trainer.accelerator=gpu"]
+    checkpoints = shlex.quote(str(Path(run_dir) / "checkpoints"))
     logs = Path(run_dir) / "slurm"
     lines = [
         "#!/bin/bash",
@@ -179,7 +180,10 @@ def sbatch_script(job: SlurmJob, run_dir: str, python: str) -> str:
         "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
         "export NCCL_ASYNC_ERROR_HANDLING=1",
         f"echo \"job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST\"",
-        f"srun --kill-on-bad-exit=1 {shlex.quote(python)} -m pandora_lightning fit " + " ".join(shlex.quote(a) for a in args),
+        "# the first start trains from scratch; a requeued one resumes from checkpoints/last.ckpt",
+        f"RESUME=(); if compgen -G {checkpoints}'/last*.ckpt' > /dev/null; then RESUME=(trainer.resume_from=last); fi",
+        f"srun --kill-on-bad-exit=1 {shlex.quote(python)} -m pandora_lightning fit " + " ".join(shlex.quote(a) for a in args)
+        + ' ${RESUME[@]+"${RESUME[@]}"}',  # (an empty array under set -u in older bash)
         "",
     ]
     return "\n".join(lines)

@@ -98,7 +98,7 @@ def check_resume(run_dir: Path, resume_from: str | None) -> None:
                 f"trainer.resume_from=last, but {folder} holds no last.ckpt to resume from; drop resume_from to start "
                 f"a new run, or give the path of a checkpoint"
             )
-    elif resume_from and not Path(resume_from).is_file():
+    elif resume_from and not Path(resume_from).exists():  # a file, or a sharded (fsdp2) folder
         raise PandoraError(f"trainer.resume_from={resume_from}: no such checkpoint file")
 
 
