@@ -18,6 +18,11 @@ def slurm_env(monkeypatch, procid: int, nodes: int = 2, per_node: int = 2) -> No
                        "SLURM_PROCID": procid, "SLURM_LOCALID": procid % per_node, "SLURM_NODEID": procid // per_node,
                        "SLURM_JOB_NAME": "pandora", "SLURM_JOB_ID": 1234, "SLURM_NODELIST": "node[7-8]"}.items():
         monkeypatch.setenv(key, str(value))
+    # Lightning's SLURMEnvironment writes MASTER_ADDR/MASTER_PORT into os.environ; keep them from
+    # leaking into later tests (a later 2-rank fit would dial the simulated node7 forever).
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset")  # recorded as absent, so teardown removes what Lightning wrote
+        monkeypatch.delenv(key)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
