@@ -38,9 +38,9 @@ def _plan(args) -> None:
 
 
 def add_verbs(verbs) -> None:
-    p = verbs.add_parser("consolidate", help="sharded (fsdp2) checkpoint folder -> one checkpoint file for score/generate")
-    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/x/instruct/checkpoints/final.ckpt")
-    p.add_argument("--out", help="file to write (default <name>-consolidated.ckpt beside the folder)")
+    p = verbs.add_parser("consolidate", help="sharded (fsdp2) checkpoint folder -> the model file that score/generate/export read")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/x/instruct/checkpoints/last.ckpt")
+    p.add_argument("--out", help="file to write (default <name>.safetensors beside the folder)")
     p.set_defaults(run=_consolidate)
 
     p = verbs.add_parser("slurm", help="write (and submit) an sbatch script that runs a recipe on N nodes x G GPUs")

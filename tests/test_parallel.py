@@ -12,6 +12,7 @@ import torch
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.recipe import load_recipe
 from pandora_lightning.training.parallel import ParallelConfig, apply_activation_checkpointing, blocks_of, check_machine
+from pandora_lightning.training.checkpoint import load_checkpoint_file
 from pandora_lightning.training.sharded import is_sharded, read_sharded
 from pandora_lightning.training.stage import STAGES
 from tests.conftest import RECIPES
@@ -25,7 +26,7 @@ def overrides(manifest, run_dir, strategy: str, *extra: str) -> list[str]:
     return [f"data.manifest={manifest}", f"run_dir={run_dir}", "data.batch_size=2", "data.num_workers=0",
             "data.shuffle_buffer=4", "data.epoch_samples=12", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
             "trainer.progress_bar=false", "trainer.logger=none", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.checkpoint_every_n_steps=3", "model.generator.num_inference_steps=2", "init_from=null",
+            "trainer.checkpoint_every_n_steps=5", "model.generator.num_inference_steps=2", "init_from=null",
             f"parallel.strategy={strategy}", *extra]
 
 
@@ -38,7 +39,7 @@ def runs(world_manifest, tmp_path_factory):
     launch(2, out["fsdp2"], RECIPE, *overrides(world_manifest, out["fsdp2"] / "run", "fsdp2"))
     launch(2, out["requeued"], RECIPE, *overrides(world_manifest, out["requeued"] / "run", "fsdp2"), signal_at=2)
     out["stopped_steps"] = [steps(out["requeued"], r) for r in (0, 1)]
-    out["final_after_stop"] = (out["requeued"] / "run" / "checkpoints" / "final.ckpt").exists()
+    out["final_after_stop"] = (out["requeued"] / "run" / "checkpoints" / "final.safetensors").exists()
     launch(2, out["requeued"], RECIPE,
            *overrides(world_manifest, out["requeued"] / "run", "fsdp2", "trainer.resume_from=last"))
     return out
@@ -54,8 +55,9 @@ def test_fsdp2_gives_the_ddp_losses(runs):
 
 
 def test_sharded_checkpoint_holds_what_trained(runs):
-    folder = runs["fsdp2"] / "run" / "checkpoints" / "final.ckpt"
-    assert is_sharded(folder) and is_sharded(runs["fsdp2"] / "run" / "checkpoints" / "last.ckpt")
+    checkpoints = runs["fsdp2"] / "run" / "checkpoints"
+    folder = checkpoints / "last.ckpt"
+    assert is_sharded(folder)
     assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     ckpt = read_sharded(folder)
     assert ckpt["global_step"] == 5 and ckpt["hyper_parameters"]["stage"] == "instruct"
@@ -65,19 +67,23 @@ def test_sharded_checkpoint_holds_what_trained(runs):
     # the loader position of both ranks travels in meta.pt
     loader = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader["world_size"] == 2 and loader["position"] == 5 and len(loader["ranks"]) == 2
+    # the model file is gathered from the shards: the same tensors as the sharded folder
+    final = load_checkpoint_file(checkpoints / "final.safetensors")["state_dict"]
+    assert final.keys() == ckpt["state_dict"].keys()
+    assert all(torch.equal(final[k], ckpt["state_dict"][k]) for k in final)
 
 
 def test_requeue_signal_checkpoints_and_the_restart_continues_exactly(runs):
     stopped = runs["stopped_steps"]
     assert [s["step"] for s in stopped[0]] == [1, 2] and [s["step"] for s in stopped[1]] == [1, 2], \
         "SIGUSR1 on rank 0 after step 2 stops both ranks at that step boundary"
-    assert not runs["final_after_stop"], "a run stopped for a requeue writes no final checkpoint"
+    assert not runs["final_after_stop"], "a run stopped for a requeue writes no final model file"
     for rank in (0, 1):
         straight, requeued = steps(runs["fsdp2"], rank), steps(runs["requeued"], rank)
         assert [s["step"] for s in requeued] == [1, 2, 3, 4, 5]
         assert requeued == straight, f"rank {rank}: same batches and bit-identical losses after the restart"
-    a = read_sharded(runs["fsdp2"] / "run" / "checkpoints" / "final.ckpt")["state_dict"]
-    b = read_sharded(runs["requeued"] / "run" / "checkpoints" / "final.ckpt")["state_dict"]
+    a = load_checkpoint_file(runs["fsdp2"] / "run" / "checkpoints" / "final.safetensors")["state_dict"]
+    b = load_checkpoint_file(runs["requeued"] / "run" / "checkpoints" / "final.safetensors")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final weights bit for bit"
 
 
@@ -127,11 +133,11 @@ def test_consolidated_checkpoint_scores_like_the_folder(runs, world_manifest, tm
     from pandora_lightning.training.checkpoint import load_stage
     from pandora_lightning.training.sharded import consolidate
 
-    folder = runs["fsdp2"] / "run" / "checkpoints" / "final.ckpt"
-    single = consolidate(folder, tmp_path / "final.ckpt")
+    folder = runs["fsdp2"] / "run" / "checkpoints" / "last.ckpt"
+    single = consolidate(folder, tmp_path / "last.safetensors")
     a, b = load_stage(folder).state_dict(), load_stage(single).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     cfg = dict(manifest=str(world_manifest), splits=["val"], per_domain=1, batch_size=4, num_inference_steps=1)
     scores = [run_score(ScoreConfig(checkpoint=str(c), out=str(tmp_path / n), **cfg))["splits"]["val"]["metrics"]
               for c, n in ((folder, "a"), (single, "b"))]
-    assert scores[0] == scores[1] and scores[0]["psnr"] > 0
+    assert scores[0] == scores[1] and scores[0]["psnr"]["overall"] > 0

@@ -20,7 +20,7 @@ from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from, load_checkpoint_file
 from pandora_lightning.training.cluster import Requeue, check_slurm_layout, cluster_plugins
-from pandora_lightning.training.parallel import build_strategy, check_machine, trainer_precision
+from pandora_lightning.training.parallel import build_strategy, check_machine, full_state_dict, trainer_precision
 from pandora_lightning.training.recipe import TrainingRecipe
 from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
 from pandora_lightning.training.model_file import write_model_file
@@ -137,6 +137,7 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
     # The model file: trained tensors + recipe + folder fingerprints (no optimizer state), what
     # generate, score, export and init_from read.
     final = run_dir / "checkpoints" / "final.safetensors"
+    state = full_state_dict(module.model)  # gathered from the shards under fsdp2 (all ranks take part)
     if trainer.is_global_zero:
-        write_model_file(final, module.model, dict(module.hparams))
+        write_model_file(final, module.model, dict(module.hparams), state)
     return final

@@ -71,20 +71,25 @@ def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_model_file(path: str | Path, model: nn.Module, hyper_parameters: dict) -> Path:
+def write_model_file(path: str | Path, model: nn.Module, hyper_parameters: dict, state: dict | None = None) -> Path:
     """The trained tensors of `model` (a WorldModel) + `hyper_parameters` (recipe, stage, version,
-    vocabulary) + the fingerprints of its pretrained folders, as one safetensors file."""
+    vocabulary) + the fingerprints of its pretrained folders, as one safetensors file. `state`: the
+    model's full state dict when it is sharded (gathered by `parallel.full_state_dict`)."""
+    full = model.state_dict() if state is None else state
+    return write_state_file(path, {k: full[k] for k in saved_keys(model)}, hyper_parameters, fingerprints(model))
+
+
+def write_state_file(path: str | Path, state: dict[str, torch.Tensor], hyper_parameters: dict, prints: dict) -> Path:
+    """`state` (WorldModel names) + hyper-parameters + folder fingerprints -> a model file, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = model.state_dict()
-    state = _detached({k: full[k] for k in saved_keys(model)})
     metadata = {
         "format": MODEL_FILE_FORMAT,
         "hyper_parameters": json.dumps(hyper_parameters),
-        "fingerprints": json.dumps(fingerprints(model)),
+        "fingerprints": json.dumps(prints),
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
+    save_file(_detached(state), str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
 

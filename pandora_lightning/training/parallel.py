@@ -194,6 +194,16 @@ def apply_fsdp2(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> 
     return names
 
 
+def full_state_dict(model: nn.Module) -> dict | None:
+    """A sharded (fsdp2) model's full state dict on rank 0, on CPU (a collective: every rank calls
+    it; the others get an empty dict); None for a model that is not sharded."""
+    if not any(_is_dtensor(p) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -269,7 +279,7 @@ def trainer_precision(cfg: ParallelConfig, precision: str) -> str:
 
 class FSDP2Strategy(ModelParallelStrategy):
     """ModelParallelStrategy as pure FSDP2 over every process (no tensor parallelism), whose sharded
-    checkpoints hold what `sharded.checkpoint_names` names: no weight a pretrained folder provides."""
+    checkpoints hold what `model_file.saved_keys` names: no weight a pretrained folder provides."""
 
     def __init__(self):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True)
@@ -279,9 +289,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def _kept(self) -> set[str]:
-        from pandora_lightning.training.sharded import checkpoint_names
+        from pandora_lightning.training.model_file import saved_keys
 
-        return {f"model.{name}" for name in checkpoint_names(self.lightning_module)}
+        return {f"model.{name}" for name in saved_keys(self.lightning_module.model)}
 
     def lightning_module_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -5,7 +5,8 @@ A folder `<name>.ckpt/` holds `.metadata`, one `__<rank>_0.distcp` file per rank
 recipe). The tensors are the trainable parameters (`state_dict.model.<name>`) and the optimizer
 state (`optimizer_0...`), addressed by name, so DCP can read them back on any number of ranks.
 `read_sharded` reads a folder in one process without a process group (what `consolidate`, `score`,
-`generate` and `init_from` use).
+`generate` and `init_from` use). The tensors are those `model_file.saved_keys` names: what trained,
+never a weight a pretrained folder provides.
 """
 from __future__ import annotations
 
@@ -16,24 +17,6 @@ import torch
 from pandora_lightning.errors import PandoraError
 
 METADATA = "meta.pt"
-
-
-# Parameter-name prefixes whose weights come from a component's pretrained folder, by the config
-# field that names the folder: a checkpoint never holds them (unless they train).
-FROM_FOLDERS = {"vision": ("vision.tower.",), "llm": ("llm.model.",), "text_encoder": ("text_encoder.model.",),
-                "generator": ("generator.unet.", "generator.vae.", "generator.transformer.")}
-
-
-def checkpoint_names(stage) -> list[str]:
-    """Parameters a checkpoint of `stage` holds: the trainable ones, and frozen ones that no
-    pretrained folder provides (a tiny random component's weights exist nowhere else)."""
-    cfg = stage.recipe.model
-    from_folders = tuple(p for part, prefixes in FROM_FOLDERS.items() if getattr(cfg, part).pretrained for p in prefixes)
-    kept = set(stage.trainable_names)
-    for name, _ in stage.model.named_parameters():
-        if not name.startswith(from_folders) or "lora_" in name:
-            kept.add(name)
-    return sorted(kept)
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -117,14 +100,15 @@ def _stored_keys(path: Path) -> set[str]:
 
 
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
-    """A sharded checkpoint folder -> one file with its model tensors and recipe (what `score`,
-    `generate` and `init_from` read; no optimizer or loop state): `<name>-consolidated.ckpt` beside it."""
+    """A sharded checkpoint folder -> the model file (`model_file.py`: trained tensors + recipe +
+    folder fingerprints as safetensors, no optimizer or loop state), what `score`, `generate`,
+    `export` and `init_from` read: `<name>.safetensors` beside the folder by default."""
+    from pandora_lightning.training.model_file import write_state_file
+
     path = Path(path)
     if not is_sharded(path):
         raise PandoraError(f"consolidate: '{path}' is not a sharded checkpoint folder (written by parallel.strategy=fsdp2)")
     ckpt = read_sharded(path)
-    out = Path(out) if out else path.with_name(f"{path.stem}-consolidated.ckpt")
-    kept = {k: ckpt[k] for k in ("state_dict", "hyper_parameters", "global_step", "epoch", "pytorch-lightning_version") if k in ckpt}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(kept, out)
-    return out
+    out = Path(out) if out else path.with_suffix(".safetensors")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    return write_state_file(out, state, ckpt["hyper_parameters"], ckpt.get("fingerprints", {}))

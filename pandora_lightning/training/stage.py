@@ -82,6 +82,8 @@ class WorldModelStage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_fingerprints(checkpoint.get("fingerprints", {}), "resume checkpoint")
+        if "state_dict" not in checkpoint:  # a sharded folder: its strategy loaded (and checked) the tensors
+            return
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
         check_saved_state(self.model, state, "resume checkpoint")
 
