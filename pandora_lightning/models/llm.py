@@ -98,6 +98,9 @@ class LLMBackbone(nn.Module):
             self.query_tokens = nn.Parameter(torch.zeros(cfg.num_query_tokens, self.hidden_size))
 
     def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:  # a config-only folder on the meta device (a plan): the longest prompt
+            shape = (len(texts), self.cfg.max_text_tokens)
+            return torch.zeros(shape, dtype=torch.long, device=device), torch.ones(shape, dtype=torch.long, device=device)
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
         )

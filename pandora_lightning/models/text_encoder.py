@@ -89,6 +89,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
+        if self.tokenizer is None:  # a config-only folder on the meta device (a plan)
+            ids = torch.zeros(len(texts), self.num_tokens, dtype=torch.long, device=device)
+            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.num_tokens, return_tensors="pt")
         out = self.model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
         return out.last_hidden_state

@@ -218,9 +218,9 @@ def build_on_meta(recipe):
             vocabulary = resolve_vocabulary(recipe, from_checkpoints=False)
         except (PandoraError, OSError):  # no data here: the tiny tokenizers' size hardly matters for a plan
             vocabulary = [f"w{i}" for i in range(64)]
-    with on_meta():
-        stage = STAGES[recipe.stage].from_recipe(recipe, vocabulary)
-    return stage.to("meta")
+    stage = STAGES[recipe.stage].from_recipe(recipe, vocabulary, meta=True)  # WorldModel builds on meta
+    with on_meta():  # the stage's own layers (LoRA)
+        return stage.to("meta")
 
 
 def plan_batch(recipe, batch_size: int, device="meta") -> dict:

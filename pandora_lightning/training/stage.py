@@ -31,16 +31,17 @@ class WorldModelStage(L.LightningModule):
     stage: ClassVar[str]
     text_kind: ClassVar[str]  # "caption" or "action"
 
-    def __init__(self, recipe: dict, vocabulary: list[str]):
+    def __init__(self, recipe: dict, vocabulary: list[str], meta: bool = False):
         """`recipe`: a training recipe as plain containers; `vocabulary`: the tiny tokenizers' words
-        (see `training.vocabulary`). Both are saved in every checkpoint."""
+        (see `training.vocabulary`). Both are saved in every checkpoint. `meta`: every component
+        from its config alone on the meta device (to count and plan; config-only folders do)."""
         super().__init__()
         self.recipe: TrainingRecipe = training_recipe_from_dict(recipe)
         self.save_hyperparameters(
             {"recipe": to_dict(self.recipe), "stage": self.stage, "version": __version__, "vocabulary": list(vocabulary)}
         )
         precision = self.recipe.trainer.precision
-        self.model = WorldModel(self.recipe.model, vocabulary, dtype=compute_dtype(precision))
+        self.model = WorldModel(self.recipe.model, vocabulary, dtype=compute_dtype(precision), meta=meta)
         self.lora_layers = add_lora(self.model, self.recipe.lora)
         self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
         reconcile_dtypes(self.model, precision)
@@ -50,14 +51,14 @@ class WorldModelStage(L.LightningModule):
         self.strict_loading = False
 
     @classmethod
-    def from_recipe(cls, recipe: TrainingRecipe, vocabulary: list[str] | None = None) -> WorldModelStage:
+    def from_recipe(cls, recipe: TrainingRecipe, vocabulary: list[str] | None = None, meta: bool = False) -> WorldModelStage:
         """`vocabulary` None: the recipe's vocabulary file, or its training texts' words (`fit` also
         takes it from the checkpoint a run resumes or starts from)."""
         if vocabulary is None:
             from pandora_lightning.training.vocabulary import resolve_vocabulary
 
             vocabulary = resolve_vocabulary(recipe, from_checkpoints=False)
-        return cls(to_dict(recipe), vocabulary)
+        return cls(to_dict(recipe), vocabulary, meta)
 
     def train(self, mode: bool = True):
         # Lightning puts the whole module in train mode each epoch; frozen parts stay in eval.
@@ -162,8 +163,8 @@ class AdaptStage(WorldModelStage):
     stage = "adapt"
     text_kind = "action"
 
-    def __init__(self, recipe: dict, vocabulary: list[str]):
-        super().__init__(recipe, vocabulary)
+    def __init__(self, recipe: dict, vocabulary: list[str], meta: bool = False):
+        super().__init__(recipe, vocabulary, meta)
         name = self.recipe.lora.name
         other = [n for n in self.trainable_names if f".lora_A.{name}." not in n and f".lora_B.{name}." not in n]
         if other:
