@@ -7,7 +7,7 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.world_model import WorldModel
 from pandora_lightning.recipe import load_recipe
 from tests.conftest import RECIPES
-from tests.reference_configs import PUBLISHED, PUBLISHED_TOTAL, write_reference_folders
+from pandora_lightning.bench.reference import PUBLISHED, PUBLISHED_TOTAL, write_reference_folders
 
 
 @pytest.mark.parametrize("stage", ["align", "instruct"])

@@ -2,9 +2,13 @@
 `plan`'s estimate, activation estimates (meta device) against measured activations, and the time
 of one rollout round. Components are built from configs with random weights (no downloads).
 
-    python -m pandora_lightning.bench.scale [--tiny] [--out scale.json]
+    python -m pandora_lightning.bench.scale [--tiny | --reference] [--out scale.json]
 
 `--tiny` runs the same script at test size (CPU), to check it before spending GPU time.
+`--reference` builds recipes/pandora-7b/instruct.yaml itself from the published configs
+(`bench/reference.py`: Vicuna-7B, CLIP ViT-L/14, SVD-xt's UNet and VAE, an OpenCLIP-H text
+encoder) with random weights, at its 16 frames of 320x512; without it the reference sizes are
+set on the tiny recipe's own components (below).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pandora_lightning.training.parallel import apply_activation_checkpointing
 from pandora_lightning.training.stage import STAGES
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "instruct.yaml"
+REFERENCE_RECIPE = RECIPE.parents[1] / "pandora-7b" / "instruct.yaml"
 # Reference sizes (DESIGN.md): Llama-7B-class LLM, CLIP ViT-L/14, Q-Former 768/12/77, an SVD-size
 # UNet (4 levels 320-1280, 2 layers each, cross-attention 1024), an OpenCLIP-H-size text encoder.
 # The UNet runs on 8x8 pixel patches (192 channels) instead of 4 VAE latent channels: the same
@@ -122,7 +127,8 @@ def model_flops(recipe) -> int:
     stage = plan.build_on_meta(recipe)
     stage.train()
     batch = plan.plan_batch(recipe, 1)
-    with torch.device("meta"), plan.MetaScalars(), FlopCounterMode(display=False) as counter:
+    dtype = torch.bfloat16 if recipe.trainer.precision.startswith("bf16") else torch.float32
+    with torch.device("meta"), plan.MetaScalars(), plan.MetaAutocast(dtype), FlopCounterMode(display=False) as counter:
         stage.losses(batch)["loss"].backward()
     return counter.get_total_flops()
 
@@ -148,16 +154,31 @@ class Sections:
         return self.out[name]
 
 
-def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
+def reference_overrides(root: Path) -> list[str]:
+    """The pandora-7b recipe on config-only folders of the published configs, random weights."""
+    from pandora_lightning.bench.reference import write_reference_folders
+
+    folders = write_reference_folders(root, tokenizer_words=VOCAB)
+    return [*(f"model.{slot}.pretrained={path}" for slot, path in folders.items()), "model.weights=random",
+            "init_from=null", "data.manifest=none.yaml", "loss.text_dropout=0"]
+
+
+def run(tiny: bool, steps: int, path: Path | None = None, reference: bool = False) -> dict:
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     base = TINY if tiny else REFERENCE
     # the reference 320 x 512 where the generator takes non-square frames, else a square of about its area
     ref_clip = clip(6, 32, 2) if tiny else clip(16, 320, 4, 512) if nonsquare() else clip(16, 384, 4)
     mid_clip = clip(4, 32, 2) if tiny else clip(8, 256, 4)
-    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    recipe_path = RECIPE
+    if reference:
+        import tempfile
+
+        recipe_path, base = REFERENCE_RECIPE, reference_overrides(Path(tempfile.mkdtemp(prefix="pandora-7b-")))
+    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                 "recipe": f"{recipe_path.relative_to(RECIPE.parents[2])}" + (" (published configs, random weights)" if reference else "")}
     section = Sections(out, path)
-    recipe = load_recipe(RECIPE, [*base, *ref_clip])
-    mid = load_recipe(RECIPE, [*base, *mid_clip])
+    recipe = load_recipe(recipe_path, [*base, *ref_clip])
+    mid = load_recipe(recipe_path, [*base, *mid_clip])
     state: dict = {}
 
     def build_model():
@@ -231,7 +252,8 @@ def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
         llm_tokens = g.cond_frames * recipe.model.input_adapter.tokens_per_frame + recipe.model.llm.max_text_tokens \
             + recipe.model.llm.num_query_tokens
         height, width = frame_size(recipe)
-        unet_tokens = g.frames * (height // g.patch_size) * (width // g.patch_size)
+        factor = 8 if reference else g.patch_size  # the VAE downscale, or the tiny UNet's pixel patches
+        unet_tokens = g.frames * (height // factor) * (width // factor)
         flops = model_flops(recipe)
         peak_flops = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
         return {"samples_per_s": 1 / step_s, "frames_per_s": g.frames / step_s, "llm_tokens_per_s": llm_tokens / step_s,
@@ -266,10 +288,11 @@ def run(tiny: bool, steps: int, path: Path | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--reference", action="store_true", help="recipes/pandora-7b/instruct.yaml from the published configs")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="scale.json")
     args = parser.parse_args()
-    run(args.tiny, args.steps, Path(args.out))
+    run(args.tiny, args.steps, Path(args.out), args.reference)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Config-only folders of the published reference components: config.json files as the releases ship
-them (no weights, no tokenizer), enough to build the whole model on the meta device and count it."""
+them (no weights, no tokenizer), enough to build the whole model on the meta device and count it
+(tests/test_reference.py, `plan`), or with random weights on a GPU (`bench.scale --reference`)."""
 from __future__ import annotations
 
 import json
@@ -57,7 +58,11 @@ PUBLISHED = {"vision.tower": 303, "llm.model": 6740, "input_adapter": 21, "outpu
 PUBLISHED_TOTAL = 9100
 
 
-def write_reference_folders(root: Path) -> dict[str, Path]:
+def write_reference_folders(root: Path, tokenizer_words: list[str] | None = None) -> dict[str, Path]:
+    """The four folders recipes/pandora-7b names, under `root`. `tokenizer_words`: also save a word-level
+    tokenizer of these words into the LLM and text-encoder folders (a config-only folder has none;
+    a random-weights build needs one to tokenize)."""
+
     def dump(path: Path, content: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content, indent=2))
@@ -69,5 +74,10 @@ def write_reference_folders(root: Path) -> dict[str, Path]:
     dump(root / "video" / "vae" / "config.json", VAE)
     dump(root / "video" / "scheduler" / "scheduler_config.json", SCHEDULER)
     dump(root / "video" / "text_encoder" / "config.json", TEXT_ENCODER)
+    if tokenizer_words:
+        from pandora_lightning.models.tokenizer import build_word_tokenizer
+
+        for folder in (root / "vicuna-7b", root / "video" / "text_encoder"):
+            build_word_tokenizer(tokenizer_words).save_pretrained(folder)
     return {"llm": root / "vicuna-7b", "vision": root / "clip-vit-large-patch14", "generator": root / "video",
             "text_encoder": root / "video" / "text_encoder"}
