@@ -72,6 +72,12 @@ def build(recipe, device: str):
     with torch.device(device):
         stage = STAGES[recipe.stage].from_recipe(recipe, VOCAB)
     stage.to(device)
+    # A scheduler is no module: built under the device context its tables landed on the GPU, where
+    # diffusers' numpy steps (Karras sigmas) cannot read them; from_pretrained keeps them on the CPU.
+    scheduler = getattr(stage.model.generator, "scheduler", None)
+    for name, value in list(vars(scheduler).items()) if scheduler is not None else []:
+        if isinstance(value, torch.Tensor):
+            setattr(scheduler, name, value.cpu())
     for p in stage.parameters():  # frozen weights in the compute dtype, trainable ones fp32 (as a bf16 run keeps them)
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
@@ -168,7 +174,7 @@ def run(tiny: bool, steps: int, path: Path | None = None, reference: bool = Fals
     base = TINY if tiny else REFERENCE
     # the reference 320 x 512 where the generator takes non-square frames, else a square of about its area
     ref_clip = clip(6, 32, 2) if tiny else clip(16, 320, 4, 512) if nonsquare() else clip(16, 384, 4)
-    mid_clip = clip(4, 32, 2) if tiny else clip(8, 256, 4)
+    mid_clip = clip(4, 32, 2) if tiny else clip(16 if reference else 8, 256, 4)  # svd's UNet is built for its frames
     recipe_path = RECIPE
     if reference:
         import tempfile
