@@ -13,6 +13,7 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.recipe import load_recipe
 from pandora_lightning.training.parallel import ParallelConfig, apply_activation_checkpointing, blocks_of, check_machine
 from pandora_lightning.training.checkpoint import load_checkpoint_file
+from pandora_lightning.training.fit import fit
 from pandora_lightning.training.sharded import is_sharded, read_sharded
 from pandora_lightning.training.stage import STAGES
 from tests.conftest import RECIPES
@@ -85,6 +86,16 @@ def test_requeue_signal_checkpoints_and_the_restart_continues_exactly(runs):
     a = load_checkpoint_file(runs["fsdp2"] / "run" / "checkpoints" / "final.safetensors")["state_dict"]
     b = load_checkpoint_file(runs["requeued"] / "run" / "checkpoints" / "final.safetensors")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final weights bit for bit"
+
+
+def test_a_checkpoint_of_the_other_form_is_refused(runs):
+    run = runs["fsdp2"] / "run"
+    recipe = load_recipe(RECIPE, overrides("none.yaml", run, "auto", "trainer.devices=1", "trainer.resume_from=last"))
+    with pytest.raises(PandoraError, match="is a sharded .* checkpoint folder; resume it with parallel.strategy=fsdp2"):
+        fit(recipe)
+    recipe = load_recipe(RECIPE, overrides("none.yaml", run, "fsdp2", f"trainer.resume_from={run}/checkpoints/final.safetensors"))
+    with pytest.raises(PandoraError, match="is a single-file checkpoint, but parallel.strategy=fsdp2 resumes from"):
+        fit(recipe)
 
 
 def test_fsdp2_needs_two_processes():

@@ -21,9 +21,10 @@ from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from, load_checkpoint_file
 from pandora_lightning.training.cluster import Requeue, check_slurm_layout, cluster_plugins
 from pandora_lightning.training.parallel import build_strategy, check_machine, full_state_dict, trainer_precision
+from pandora_lightning.training.model_file import write_model_file
 from pandora_lightning.training.recipe import TrainingRecipe
 from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
-from pandora_lightning.training.model_file import write_model_file
+from pandora_lightning.training.sharded import check_resume_form
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary, training_texts, warn_unknown_words
 
@@ -98,6 +99,7 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
             load_checkpoint_file(resume)
     stage_cls = STAGES[recipe.stage]
     check_resume(run_dir, recipe.trainer.resume_from)  # the cheap checks first, before the model loads
+    check_resume_form(run_dir, recipe.trainer.resume_from, recipe.parallel.strategy == "fsdp2")
     loader = train_loader(recipe, recipe.data.text_kind or stage_cls.text_kind)
     trainer = build_trainer(recipe, run_dir, [*callbacks, Requeue()])
     lock = claim_run_folder(run_dir, recipe.trainer.resume_from, overwrite) if trainer.is_global_zero else None

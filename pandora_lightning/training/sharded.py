@@ -24,6 +24,25 @@ def is_sharded(path: str | Path) -> bool:
     return path.is_dir() and (path / METADATA).is_file() and (path / ".metadata").is_file()
 
 
+def check_resume_form(run_dir: Path, resume_from: str | None, fsdp2: bool) -> None:
+    """A sharded folder resumes only under fsdp2 (on any number of ranks: DCP reshards), a single file
+    only without it; else one line naming the fix."""
+    if not resume_from:
+        return
+    path = run_dir / "checkpoints" / "last.ckpt" if resume_from == "last" else Path(resume_from)
+    if is_sharded(path) and not fsdp2:
+        raise PandoraError(
+            f"trainer.resume_from: '{path}' is a sharded (parallel.strategy=fsdp2) checkpoint folder; resume it with "
+            f"parallel.strategy=fsdp2 on 2 or more processes (any number: the shards are redistributed), or start "
+            f"from its weights with init_from={path}"
+        )
+    if path.is_file() and fsdp2:
+        raise PandoraError(
+            f"trainer.resume_from: '{path}' is a single-file checkpoint, but parallel.strategy=fsdp2 resumes from the "
+            f"folders it writes; start from its weights with init_from={path}, or resume without fsdp2"
+        )
+
+
 def _check_folder(path: Path) -> None:
     if path.is_dir() and not is_sharded(path):
         raise PandoraError(
