@@ -44,3 +44,22 @@ def tiny_recipe(stage: str, manifest: Path, run_dir: Path, *overrides: str):
 def align_checkpoint(world_manifest, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "align"
     return fit(tiny_recipe("align", world_manifest, run_dir))
+
+
+@pytest.fixture(scope="session")
+def fp16_instruct(world_manifest, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """An instruct checkpoint on tiny fp16 folders (Llama, CLIP vision, CLIP text, the svd generator) with
+    LoRA on the LLM and the UNet and the UNet's conv_in trained; a large step moves every LoRA far
+    enough to matter. Returns (checkpoint, folders)."""
+    import torch
+
+    from tests.pretrained_folders import folder_overrides, save_folders
+
+    root = tmp_path_factory.mktemp("fp16-instruct")
+    folders = save_folders(root / "folders", torch.float16)
+    final = fit(tiny_recipe(
+        "instruct", world_manifest, root / "run", *folder_overrides(folders), "init_from=null", "lora.llm.rank=4",
+        "lora.generator.rank=4", "optim.lr=0.05", "optim.warmup_steps=1",
+        "trainable=[input_adapter.*,llm.query_tokens,output_adapter.*,'*lora_*',generator.unet.conv_in.*]",
+    ))
+    return final, folders

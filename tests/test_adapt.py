@@ -11,6 +11,7 @@ import torch
 from pandora_lightning.data.dataset import iterate_split
 from pandora_lightning.data.manifest import write_manifest
 from pandora_lightning.errors import PandoraError
+from pandora_lightning.training.adapt import merged_base
 from pandora_lightning.training.adapters import attach_adapters, read_adapter
 from pandora_lightning.training.checkpoint import load_checkpoint_file, load_stage
 from pandora_lightning.training.fit import fit
@@ -19,6 +20,7 @@ from pandora_lightning.world import WorldConfig
 from pandora_lightning.world.domains import TRANSFER_DOMAIN, TRANSFER_HELD_OUT
 from pandora_lightning.world.shards import ADAPT_REPLAY, write_world, write_world_shards
 from tests.conftest import tiny_recipe
+from tests.pretrained_folders import folder_overrides
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
@@ -173,3 +175,29 @@ def test_world_manifest_mixes_a_little_replay_into_the_adapt_split(tmp_path):
     assert adapt[TRANSFER_DOMAIN].shards == ["adapt-desert-000000.tar"]
     assert sorted(adapt) == sorted(train) and all(adapt[d].shards == train[d].shards for d in adapt if d != TRANSFER_DOMAIN)
     assert adapt[TRANSFER_DOMAIN].weight == pytest.approx(6 / (6 + 3 * ADAPT_REPLAY))
+
+
+def test_adapt_checkpoint_on_a_pretrained_llm_keeps_the_base_lora(fp16_instruct, world_manifest, tmp_path):
+    """The base's LLM LoRA is merged into weights that the LLM folder provides, which no checkpoint
+    holds: reloading the adapt checkpoint must rebuild that base, not the folder's plain LLM."""
+    base_ckpt, folders = fp16_instruct
+    adapted_ckpt = fit(adapt_recipe(world_manifest, tmp_path / "desert", base_ckpt, *folder_overrides(folders)))
+    given = torch.rand(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        base = merged_base(base_ckpt).model.context(given, ["move left", "grow"])
+        plain = load_stage(base_ckpt).model
+        use_adapter(plain, None)  # the folders without the base's LoRA
+        assert (plain.context(given, ["move left", "grow"]) - base).abs().max() > 1e-3, "the base's LoRA matters"
+        reloaded = load_stage(adapted_ckpt).model
+        use_adapter(reloaded, None)
+        torch.testing.assert_close(reloaded.context(given, ["move left", "grow"]), base, rtol=0, atol=1e-5)
+    # The base's trained UNet layer, which the generator folder also provides, comes back too.
+    trained = load_stage(base_ckpt).model.generator.unet.conv_in.weight
+    torch.testing.assert_close(reloaded.generator.unet.conv_in.weight, trained, rtol=0, atol=0)
+    moved = base_ckpt.with_name("moved.safetensors")
+    base_ckpt.rename(moved)
+    try:
+        with pytest.raises(PandoraError, match=r"adapter 'desert': its base checkpoint '.*final.safetensors' does not exist"):
+            load_stage(adapted_ckpt)
+    finally:
+        moved.rename(base_ckpt)

@@ -10,6 +10,7 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.world_model import WorldModelConfig
 from pandora_lightning.training.checkpoint import load_checkpoint_file, load_stage, load_state_into
 from pandora_lightning.training.lora import merge_lora
+from pandora_lightning.training.model_file import check_file_fingerprint, file_fingerprint
 from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
 from pandora_lightning.training.stage import WorldModelStage
 
@@ -48,7 +49,16 @@ def merged_base(path: str | Path) -> WorldModelStage:
     return module
 
 
-def init_adapt_from(module: WorldModelStage, path: str | Path) -> None:
-    """Start an adapt run: the base checkpoint's weights (its own LoRA merged) under the new adapter."""
+def init_adapt_from(module: WorldModelStage, path: str | Path, saved: dict | None = None) -> None:
+    """The base checkpoint's weights (its own LoRA merged) under the adapter: at the start of an adapt run
+    (the base's fingerprint goes into the run's checkpoints), and when an adapt checkpoint is loaded,
+    because weights that a pretrained folder provides (an LLM with the base's LoRA merged, a UNet the
+    base trained) are in no adapt checkpoint. `saved`: the fingerprint to check the base against."""
+    if saved is not None:
+        # The recipe's path as given (it may be relative to where fit ran), else where it was then.
+        found = path if Path(path).expanduser().is_file() else saved["path"]
+        check_file_fingerprint(saved, found, f"adapt checkpoint of adapter '{module.recipe.lora.name}'")
+        path = found
     base = merged_base(path)
     load_state_into(module, base.model.state_dict(), f"checkpoint '{path}' (stage {base.stage})")
+    module.hparams["base_checkpoint"] = saved or file_fingerprint(path)

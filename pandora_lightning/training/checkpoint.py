@@ -67,6 +67,12 @@ def load_stage(path: str | Path, device: str | torch.device = "cpu", precision: 
     if precision is not None:
         recipe["trainer"] = {**recipe.get("trainer", {}), "precision": check_precision(precision)}
     module = STAGES[meta["stage"]](recipe, stored_vocabulary(ckpt, path))
+    if module.stage == "adapt":
+        # Its base (the checkpoint it started from, that one's LoRA merged) comes from there: a folder
+        # provides those weights, so no adapt checkpoint holds them. (adapt.py builds on this module.)
+        from pandora_lightning.training.adapt import init_adapt_from
+
+        init_adapt_from(module, module.recipe.init_from, meta.get("base_checkpoint"))
     state = {key.removeprefix("model."): value for key, value in ckpt["state_dict"].items()}
     check_saved_state(module.model, state, f"checkpoint '{path}'")
     module.model.load_state_dict(state, strict=False)

@@ -9,6 +9,7 @@ JSON in its header. Nothing here unpickles.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,6 +40,30 @@ def check_fingerprints(saved: dict[str, dict], what: str) -> None:
     """Every pretrained folder a checkpoint was trained on must be there, unchanged (one line if not)."""
     for name, print_ in saved.items():
         check_fingerprint(print_, print_["path"], f"{what}: {name}")
+
+
+def file_fingerprint(path: str | Path, chunks: int = 64) -> dict:
+    """What an adapt checkpoint remembers of the checkpoint it started from: the resolved path, the size and
+    a hash of `chunks` 64 KiB pieces spread over the file (all of a small file; cheap for a large one)."""
+    path = Path(path).expanduser().resolve()
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in range(0, size, max(1, -(-size // chunks))):
+            f.seek(offset)
+            digest.update(f.read(1 << 16))
+    return {"path": str(path), "size": size, "sha256_sampled": digest.hexdigest()}
+
+
+def check_file_fingerprint(saved: dict, path: str | Path, what: str) -> None:
+    """The base checkpoint must be there, unchanged since `saved` was taken (one line if not)."""
+    if not Path(path).expanduser().is_file():
+        raise PandoraError(f"{what}: its base checkpoint '{path}' does not exist (an adapt checkpoint is rebuilt on the "
+                           f"checkpoint it started from; it was '{saved['path']}')")
+    now = file_fingerprint(path)
+    if (now["size"], now["sha256_sampled"]) != (saved["size"], saved["sha256_sampled"]):
+        raise PandoraError(f"{what}: its base checkpoint '{path}' changed since the adapter was trained on it "
+                           f"({now['size']} bytes, was {saved['size']}; contents differ)")
 
 
 def check_saved_state(model: nn.Module, state: dict, what: str, start: bool = False) -> None:
