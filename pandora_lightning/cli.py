@@ -1,4 +1,4 @@
-"""`pandora-lightning` (also `python -m pandora_lightning`): fit, generate, score, shards, demo, bench."""
+"""`pandora-lightning` (also `python -m pandora_lightning`): fit, generate, play, score, export, shards, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,21 @@ def _play(args) -> None:
         pass
     finally:
         server.server_close()
+
+
+def _export(args) -> None:
+    from pandora_lightning.training.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.adapter or [], args.merge, args.dtype, args.overwrite)
+    manifest = json.loads((out / "export.json").read_text())
+    print(f"exported {args.checkpoint} to {out} (what is where: {out / 'README.md'}, {out / 'export.json'})")
+    for name, part in manifest["parts"].items():
+        kind = " ".join(str(part[k]) for k in ("library", "class", "dtype") if k in part)
+        print(f"  {name:<16} {part['path']}{f'  ({kind})' if kind else ''}")
+    for name, components in manifest["adapters"].items():
+        print(f"  LoRA {name!r:<11} " + ", ".join(components.values()) + "  (peft)")
+    if manifest.get("merged_adapter"):
+        print(f"  LoRA {manifest['merged_adapter']!r} merged into the weights")
 
 
 def _shards_world(args) -> None:
@@ -269,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/play", help="terminal mode: where :save writes the episode")
     p.add_argument("--no-color", action="store_true", help="terminal mode: do not draw frames with ANSI colours")
     p.set_defaults(run=_play)
+
+    p = verbs.add_parser("export", help="write a checkpoint as folders that plain transformers / diffusers / peft open")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="the export folder (new or empty; --overwrite replaces an earlier export)")
+    p.add_argument("--adapter", action="append", help="a LoRA adapter trained on this checkpoint (a folder, or an adapt run's "
+                                                      "name); repeatable")
+    p.add_argument("--merge", action="store_true", help="fold the LoRA into the base weights (peft's merge) instead of "
+                                                       "writing peft adapter folders")
+    p.add_argument("--dtype", default="auto", help="auto (each part as its pretrained folder stores it; float32 where "
+                                                   "training or a merge changed it), float32, bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in the folder")
+    p.set_defaults(run=_export)
 
     p = verbs.add_parser("shards", help="write WebDataset shards")
     kinds = p.add_subparsers(dest="kind", required=True)

@@ -201,3 +201,26 @@ def test_adapt_checkpoint_on_a_pretrained_llm_keeps_the_base_lora(fp16_instruct,
             load_stage(adapted_ckpt)
     finally:
         moved.rename(base_ckpt)
+
+
+def test_export_with_an_adapter_as_peft_folders_or_merged(adapted, align_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pandora_lightning.training.export import export_checkpoint
+
+    adapter = adapted.parents[1] / "adapter"
+    ids = torch.tensor([[3, 5, 7, 9]])
+    tuned = load_stage(adapted).model.llm.model  # the adapt checkpoint: its adapter running
+    with torch.no_grad():
+        want = tuned(input_ids=ids).logits
+        out = export_checkpoint(align_checkpoint, tmp_path / "peft", [str(adapter)])
+        assert json.loads((out / "export.json").read_text())["adapters"] == {
+            "desert": {"llm": "lora/desert/llm", "generator": "lora/desert/generator"}}
+        llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "llm"), str(out / "lora/desert/llm"))
+        torch.testing.assert_close(llm.eval()(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+        merged = export_checkpoint(adapted, tmp_path / "merged", merge=True)
+        folded = AutoModelForCausalLM.from_pretrained(merged / "llm").eval()
+        torch.testing.assert_close(folded(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    with pytest.raises(PandoraError, match=r"--merge folds one adapter into the weights, but the model holds 2 \(again, desert\)"):
+        export_checkpoint(align_checkpoint, tmp_path / "two", [str(adapter), f"again={adapter}"], merge=True)
