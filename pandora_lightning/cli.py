@@ -198,7 +198,9 @@ def _bench(args) -> None:
     if args.only == "session":  # its own figures and file: the session costs, not the training step
         from pandora_lightning.bench.session import print_session_bench, run_session_bench
 
-        out = run_session_bench(args.checkpoint, rounds=args.rounds)
+        from pandora_lightning.training.precision import resolve_device
+
+        out = run_session_bench(args.checkpoint, rounds=args.rounds, device=resolve_device(args.device), repeats=args.repeats)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print_session_bench(out)
         return
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the training-step or only the data-path figures; session: per-round cost with and without the cache")
     p.add_argument("--checkpoint", help="--only session: a checkpoint to time (default: a tiny random model with history)")
     p.add_argument("--rounds", type=int, default=16, help="--only session: rounds per session")
+    p.add_argument("--repeats", type=int, default=3, help="--only session: sessions per figure (per-round medians)")
+    p.add_argument("--device", default="cpu", help="--only session: cpu, cuda, cuda:N, auto")
     p.set_defaults(run=_bench)
 
     p = verbs.add_parser("score", help="roll a checkpoint out on held-out samples; write scores.json, scores.md, plots")

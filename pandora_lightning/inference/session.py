@@ -82,7 +82,19 @@ class Session:
         return sum(r.nbytes for r in self.history or ())
 
     def given(self) -> torch.Tensor:
-        return self.frames[-self.model.cond_frames :]
+        """The frames the next round is conditioned on: the last `model.cond_frames`, (Tc, 3, H, W).
+
+        Read from the last rounds only: concatenating the whole episode would make every round
+        cost more than the one before."""
+        n, parts, have = self.model.cond_frames, [], 0
+        for r in reversed(self.records):
+            parts.append(r.clip)
+            have += len(r.clip)
+            if have >= n:
+                break
+        else:
+            parts.append(self.start)
+        return torch.cat(parts[::-1])[-n:]
 
     def step(self, action: str) -> torch.Tensor:
         """Render the next round: returns its new frames (F, 3, H, W)."""

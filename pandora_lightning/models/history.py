@@ -58,17 +58,18 @@ def trim(history: tuple[RoundCache, ...], window: int) -> tuple[RoundCache, ...]
 
 def split_rounds(cache: DynamicCache, mask: torch.Tensor, bounds: list[tuple[int, int]]) -> list[list[RoundCache]]:
     """A batched cache -> per sequence, per round (begin, end) a RoundCache of its real (unpadded) tokens."""
+    keep = mask.bool().cpu()  # one device sync for the whole batch, not one per sequence and layer
     out = []
     for b in range(mask.shape[0]):
         rounds = []
         for begin, end in bounds:
-            keep = mask[b, begin:end].bool()
-            rounds.append(
-                RoundCache(
-                    tuple(layer.keys[b, :, begin:end][:, keep] for layer in cache.layers),
-                    tuple(layer.values[b, :, begin:end][:, keep] for layer in cache.layers),
-                )
-            )
+            real = keep[b, begin:end].nonzero().squeeze(1)
+            index = None if len(real) == end - begin else (real + begin).to(mask.device)  # None: no padding
+
+            def take(t: torch.Tensor) -> torch.Tensor:  # a copy: a view would keep the whole batch's cache alive
+                return t[b, :, begin:end].clone() if index is None else t[b].index_select(1, index)
+
+            rounds.append(RoundCache(tuple(take(layer.keys) for layer in cache.layers), tuple(take(layer.values) for layer in cache.layers)))
         out.append(rounds)
     return out
 
