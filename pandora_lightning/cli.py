@@ -159,6 +159,25 @@ def _shards_build(args) -> None:
             )
 
 
+def _shards_encode(args) -> None:
+    from pandora_lightning.recipe import load_recipe
+    from pandora_lightning.training.precompute import run_encode
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.out or str(Path(args.manifest).with_suffix("")) + "-encoded"
+    summary = run_encode(args.manifest, recipe, args.recipe, out, args.out_manifest, args.device, args.dtype, not args.quiet,
+                         args.split)
+    record = summary["record"]
+    print(f"encoded {summary['samples']} samples into {summary['shards']} shards under {out} on {summary['device']} "
+          f"({record.height}x{record.width}, {record.dtype}); manifest {summary['manifest']}")
+    print("encoders: " + ", ".join(f"{k} {record.folders.get(k, v)}" for k, v in record.encoders.items()))
+    if record.needs_frames:
+        print(f"generator family {record.family} works on pixels (no VAE): its frames are still decoded from the mp4")
+    for where, why in summary["skipped"]:
+        print(f"skipped corrupt sample {where}: {why}")
+    print(f"train from them: data.manifest={summary['manifest']} data.precomputed=true")
+
+
 def _shards_inspect(args) -> None:
     from pandora_lightning.data.tools.checks import format_table, inspect_shards
 
@@ -206,7 +225,7 @@ def _bench(args) -> None:
         return
     from pandora_lightning.bench.train import run_bench
 
-    run_bench(args.recipe, args.steps, Path(args.out), parts=(args.only,) if args.only else ("train", "data"))
+    run_bench(args.recipe, args.steps, Path(args.out), parts=(args.only,) if args.only else ("train", "data", "precompute"))
 
 
 def _score(args) -> None:
@@ -336,6 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-errors", action="store_true", help="exit 0 even when some videos could not be used")
     b.set_defaults(run=_shards_build)
 
+    e = kinds.add_parser("encode", help="add the recipe's frozen encoders' outputs (VAE latents, vision features, teacher "
+                                        "text embeddings) to copies of a manifest's shards, for data.precomputed=true")
+    e.add_argument("manifest", help="the manifest of the raw shards")
+    e.add_argument("--recipe", required=True, help="the recipe whose encoders (and frame size) to use")
+    e.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    e.add_argument("--out", help="folder for the encoded shards (default: <manifest>-encoded)")
+    e.add_argument("--out-manifest", help="manifest to write (default <out>/manifest.yaml)")
+    e.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
+    e.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16: the stored tensors")
+    e.add_argument("--split", action="append", help="only this split (repeatable; default: all of them)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=_shards_encode)
+
     i = kinds.add_parser("inspect", help="counts, durations and domains of shards, and a contact sheet of random samples")
     i.add_argument("sources", nargs="+", help="a manifest .yaml, a folder of .tar shards, or shard files")
     i.add_argument("--split", help="only this split of a manifest")
@@ -369,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/tiny/instruct.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--only", choices=["train", "data", "session"],
-                   help="only the training-step or only the data-path figures; session: per-round cost with and without the cache")
+    p.add_argument("--only", choices=["train", "data", "session", "precompute"],
+                   help="only the training-step or only the data-path figures; session: per-round cost with and without the "
+                        "cache; precompute: a step from precomputed inputs vs from frames")
     p.add_argument("--checkpoint", help="--only session: a checkpoint to time (default: a tiny random model with history)")
     p.add_argument("--rounds", type=int, default=16, help="--only session: rounds per session")
     p.add_argument("--repeats", type=int, default=3, help="--only session: sessions per figure (per-round medians)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 
 from pandora_lightning.config import load_structured
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.evaluation.callback import ScoreCallback
 from pandora_lightning.evaluation.config import EvalConfig
 from pandora_lightning.evaluation.suite import EpisodeMetrics
@@ -32,4 +33,7 @@ def score_callbacks(recipe: RecipeConfig, plugins: Sequence[EpisodeMetrics] = ()
     """The fit-time scoring callback when the recipe's eval block turns it on."""
     if recipe.eval.every_n_steps <= 0:
         return []
+    if recipe.data.precomputed:
+        raise PandoraError("eval.every_n_steps > 0 rolls the model out from frames, but data.precomputed leaves its encoders "
+                           "out; set eval.every_n_steps=0 and score the checkpoint afterwards (`pandora-lightning score`)")
     return [ScoreCallback(recipe.eval, recipe.data.manifest, plugins, recipe.data.allow_commands)]

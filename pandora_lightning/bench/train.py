@@ -75,6 +75,10 @@ def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2, parts: 
 
         result["data"] = run_data_bench()
         _print_data(result["data"])
+    if "precompute" in parts:
+        from pandora_lightning.bench.precompute import run_precompute_bench
+
+        result["precompute"] = run_precompute_bench(recipe_path)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -27,8 +27,16 @@ class DataConfig:
     # Consecutive rounds per training example (multi-round windows, so an LLM with history learns
     # to read earlier rounds; needs action texts); 1 = one round per example.
     rounds: int = 1
+    # Train from the frozen encoders' outputs stored by `pandora-lightning shards encode` (the manifest
+    # it writes): the vision tower, the VAE (and image encoder) and the teacher text encoder are then
+    # not built on the device. Refused when the manifest was encoded by other encoders, at another
+    # frame size or clip length, or when the recipe trains one of those encoders.
+    precomputed: bool = False
 
     def __post_init__(self):
+        if self.precomputed and self.rounds > 1:
+            raise ValueError(f"data.precomputed reads one-round windows; set data.rounds=1 (got {self.rounds}) or "
+                             f"data.precomputed=false")
         if self.batch_size < 1 or self.num_workers < 0 or self.epoch_samples < 0:
             raise ValueError("data.batch_size must be >= 1, data.num_workers and data.epoch_samples >= 0")
         if not 0.0 <= self.max_bad_fraction <= 1.0 or self.min_bad_samples < 1:

@@ -193,11 +193,14 @@ class ExampleDecoder:
 
 
 def collate(examples: list[dict]) -> dict:
-    """Examples -> {"frames": (B, T, 3, H, W) uint8, "text": [B], "teacher_text": [B], "domain": [B], "key": [B]}."""
-    return {
-        "frames": torch.stack([e["frames"] for e in examples]),
-        **{k: [e[k] for e in examples] for k in ("text", "teacher_text", "domain", "key")},
-    }
+    """Examples -> {"frames": (B, T, 3, H, W) uint8, "text": [B], "teacher_text": [B], "domain": [B], "key": [B]};
+    precomputed examples bring "encoded" ({name: (B, ...)}) and "frames" only when the generator reads pixels."""
+    batch = {k: [e[k] for e in examples] for k in ("text", "teacher_text", "domain", "key")}
+    if "frames" in examples[0]:
+        batch["frames"] = torch.stack([e["frames"] for e in examples])
+    if "encoded" in examples[0]:
+        batch["encoded"] = {k: torch.stack([e["encoded"][k] for e in examples]) for k in examples[0]["encoded"]}
+    return batch
 
 
 def read_shards(urls: Iterable[str], allow_commands: bool = False) -> Iterator[dict]:

@@ -199,6 +199,8 @@ def training_loader(
         seed=seed,
         allow_commands=manifest.allow_commands,
         rounds=data.rounds,
+        encoded=data.precomputed,
+        needs_frames=manifest.encoding.needs_frames if manifest.encoding is not None else True,
     )
     epoch_samples = data.epoch_samples or sum(s.samples for s in sets)
     return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples, data.max_bad_fraction, data.min_bad_samples)

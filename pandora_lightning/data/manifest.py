@@ -65,10 +65,28 @@ def command_patterns(manifest: Manifest) -> list[tuple[ShardSet, str]]:
 
 
 @dataclass
+class EncodingRecord:
+    """What `shards encode` stored beside each sample, and with which encoders (see data/encoded.py)."""
+
+    recipe: str = ""  # the recipe the encoders came from (for messages)
+    family: str = "tiny"  # generator family
+    height: int = 0  # frame size the clips were decoded at
+    width: int = 0
+    frames: int = 0  # generator.frames and cond_frames of that recipe
+    cond_frames: int = 0
+    dtype: str = "float32"
+    # encoder module name (vision, text_encoder, generator.vae, ...) -> digest of its folder or of its tensors
+    encoders: dict[str, str] = field(default_factory=dict)
+    folders: dict[str, str] = field(default_factory=dict)  # module name -> the folder it was read from
+    needs_frames: bool = True  # the generator also reads the pixels (pixel-space family: no VAE)
+
+
+@dataclass
 class Manifest:
     name: str = "unnamed"
     root: str = "."
     sets: list[ShardSet] = field(default_factory=list)
+    encoding: EncodingRecord | None = None  # set by `shards encode`: the samples carry precomputed inputs
     path: ClassVar[str] = ""  # where it was read from; set by load_manifest
     allow_commands: ClassVar[bool] = False  # the user's opt-in to pipe:/URL sources; set by load_manifest
 
@@ -158,7 +176,8 @@ def split_weights(records: list[dict]) -> list[float]:
 
 
 def write_manifest(
-    path: str | Path, name: str, shard_dir: str | Path, records: list[dict], written_by: str = "shards world"
+    path: str | Path, name: str, shard_dir: str | Path, records: list[dict], written_by: str = "shards world",
+    encoding: EncodingRecord | None = None,
 ) -> Manifest:
     """Write a manifest for `records` ({split, domain, shards, samples}) of shards in `shard_dir`.
 
@@ -172,8 +191,12 @@ def write_manifest(
         name=name,
         root=str(root),
         sets=[ShardSet(r["split"], r["domain"], list(r["shards"]), w, r["samples"]) for r, w in zip(records, weights)],
+        encoding=encoding,
     )
-    body = OmegaConf.to_yaml(asdict(manifest))
+    body = asdict(manifest)
+    if encoding is None:
+        del body["encoding"]
+    body = OmegaConf.to_yaml(body)
     path.write_text(
         f"# Written by `pandora-lightning {written_by}`; shard names are relative to root.\n"
         f"# weight: share of the split's training stream (a split's weights sum to 1); samples: samples in the set.\n"

@@ -39,6 +39,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, collate, read_shards
+from pandora_lightning.data.encoded import EncodedExampleDecoder
 from pandora_lightning.data.tar import printable
 from pandora_lightning.errors import PandoraError
 
@@ -64,6 +65,8 @@ class StreamConfig:
     seed: int
     allow_commands: bool = False  # the user's opt-in to pipe:/URL shard sources (data.allow_commands)
     rounds: int = 1  # > 1: multi-round windows (see ExampleDecoder)
+    encoded: bool = False  # read the precomputed inputs of `shards encode` (data.precomputed)
+    needs_frames: bool = True  # with `encoded`: also decode the window's pixels (a generator without a VAE)
 
 
 def seeded(*parts) -> random.Random:
@@ -164,7 +167,10 @@ class ShardStream(IterableDataset):
     def _batches(self, worker: int, slot: int, n_slots: int, block: int, skip: int):
         cfg = self.cfg
         counter = BadSampleCounter()
-        decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds)
+        if cfg.encoded:
+            decoder = EncodedExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.needs_frames)
+        else:
+            decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds)
         reported = (0, 0)
         examples, streak = [], 0
         for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block)):

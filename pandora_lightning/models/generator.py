@@ -121,8 +121,10 @@ def infer_family(folder: Path) -> str:
     )
 
 
-def build_generator(cfg: GeneratorConfig, init: str = "weights", dtype: torch.dtype | None = torch.float32):
-    """The generator `cfg` names: tiny from its config, a family from its folder (init: weights | random | meta)."""
+def build_generator(cfg: GeneratorConfig, init: str = "weights", dtype: torch.dtype | None = torch.float32,
+                    frozen_init: str | None = None):
+    """The generator `cfg` names: tiny from its config, a family from its folder (init: weights | random | meta;
+    `frozen_init`: the same for the family's `frozen_parts`, e.g. meta when precomputed inputs replace them)."""
     if not cfg.pretrained:
         return TinyGenerator(cfg)
     folder = Path(cfg.pretrained).expanduser()
@@ -134,4 +136,4 @@ def build_generator(cfg: GeneratorConfig, init: str = "weights", dtype: torch.dt
     found = infer_family(folder)
     if cfg.family is not None and cfg.family != found:
         raise PandoraError(f"generator.family={cfg.family} but '{folder}' holds a {found} model; set generator.family={found} or null")
-    return FAMILIES[found](cfg, folder, init=init, dtype=dtype)
+    return FAMILIES[found](cfg, folder, init=init, dtype=dtype, frozen_init=frozen_init)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,30 +47,68 @@ class WorldModel(nn.Module):
     """Composes the components; owns no training logic. Frames are (B, T, 3, H, W) in [-1, 1]."""
 
     def __init__(
-        self, cfg: WorldModelConfig, vocabulary: Iterable[str] = (), dtype: torch.dtype = torch.float32, meta: bool = False
+        self, cfg: WorldModelConfig, vocabulary: Iterable[str] = (), dtype: torch.dtype = torch.float32, meta: bool = False,
+        precomputed: bool = False,
     ):
         """`vocabulary`: the words of the tiny word-level tokenizers (used only by components built
         without a pretrained folder, which bring their own tokenizer). `dtype`: the dtype pretrained
         weights are read in (components built here start in float32). `meta`: build everything on
-        the meta device from configs alone (no weights read, no memory): to count and plan."""
+        the meta device from configs alone (no weights read, no memory): to count and plan.
+        `precomputed`: the frozen encoders (`frozen_inputs`) are left out, their outputs come with
+        the batch: pretrained ones are built on meta (config only) and dropped; random ones are
+        built (the same random draws as a full model) and kept aside as `frozen_input_state`."""
         super().__init__()
         self.cfg = cfg
         self.vocabulary = list(vocabulary)
         self.load = load = LoadOptions(weights=cfg.weights == "pretrained", meta=meta, dtype=dtype)
-        self.vision = VisionEncoder(cfg.vision, load)
+        self.precomputed = precomputed
+        shape_only = replace(load, meta=True) if precomputed else load  # pretrained parts: config only
+        self.vision = VisionEncoder(cfg.vision, shape_only if cfg.vision.pretrained else load)
         self.llm = LLMBackbone(cfg.llm, self.vocabulary, load)
         with load.device():
             self.input_adapter = InputAdapter(cfg.input_adapter, self.vision.hidden_size, self.llm.hidden_size)
-        self.generator = build_generator(cfg.generator, load.init, dtype)
+        self.generator = build_generator(cfg.generator, load.init, dtype, frozen_init="meta" if precomputed else None)
         self.generator.pretrained = generator_parts(self.generator, cfg.generator.pretrained, load)
         self._check_context(cfg)
         with load.device():
             self.output_adapter = OutputAdapter(cfg.output_adapter, self.llm.hidden_size, self.generator.context_dim)
         self.text_encoder = None
         if cfg.text_encoder.enabled:
-            self.text_encoder = self._teacher(cfg)
+            self.text_encoder = self._teacher(cfg, shape_only)
+        self.frozen_input_names: list[str] = []  # parameter names of the parts left out (precomputed)
+        self.frozen_input_state: dict[str, torch.Tensor] = {}  # their tensors where no folder provides them
+        if precomputed:
+            self._drop_frozen_inputs()
         if meta:  # a few parameters are made with legacy constructors that ignore the device context
             self.to("meta")
+
+    def frozen_inputs(self) -> dict[str, str | None]:
+        """The frozen encoders whose outputs `shards encode` stores, by module name -> the folder their
+        weights come from (None: random or trained here, known by their tensors)."""
+        cfg, gen = self.cfg, self.cfg.generator
+        pretrained = cfg.weights == "pretrained"
+        out: dict[str, str | None] = {"vision": cfg.vision.pretrained if pretrained else None}
+        for part in type(self.generator).frozen_parts:
+            out[f"generator.{part}"] = str(Path(gen.pretrained).expanduser() / part) if pretrained else None
+        if cfg.text_encoder.enabled:
+            folder = cfg.text_encoder.pretrained or (
+                str(Path(gen.pretrained).expanduser() / "text_encoder") if gen.pretrained else None)
+            out["text_encoder"] = folder if pretrained else None
+        return out
+
+    def _drop_frozen_inputs(self) -> None:
+        if self.generator.precompute_refusal:
+            raise PandoraError(f"data.precomputed: generator family {self.generator.family} cannot train from precomputed "
+                               f"inputs: {self.generator.precompute_refusal}; set data.precomputed=false")
+        for name, folder in self.frozen_inputs().items():
+            owner, _, attr = name.rpartition(".")
+            parent = self.get_submodule(owner) if owner else self
+            module = getattr(parent, attr)
+            state = module.state_dict()
+            self.frozen_input_names += [f"{name}.{n}" for n, _ in module.named_parameters()]
+            if folder is None:
+                self.frozen_input_state.update({f"{name}.{k}": v.detach() for k, v in state.items()})
+            setattr(parent, attr, None)
 
     def _check_context(self, cfg: WorldModelConfig) -> None:
         """The output adapter must produce what the generator's cross-attention takes."""
@@ -87,10 +125,13 @@ class WorldModel(nn.Module):
                 f"{gen.context_tokens} context tokens; set model.output_adapter.num_queries={gen.context_tokens}"
             )
 
-    def _teacher(self, cfg: WorldModelConfig):
-        """The generator's own text encoder: from text_encoder.pretrained, else the generator's folder, else tiny."""
+    def _teacher(self, cfg: WorldModelConfig, shape_only: LoadOptions):
+        """The generator's own text encoder: from text_encoder.pretrained, else the generator's folder, else tiny.
+        `shape_only`: how a pretrained one is built (meta when precomputed inputs replace it)."""
         gen, tokens = self.generator, cfg.output_adapter.num_queries
-        if cfg.text_encoder.pretrained or gen.family == "tiny":
+        if cfg.text_encoder.pretrained:
+            return TextEncoder(cfg.text_encoder, tokens, gen.context_dim, self.vocabulary, shape_only)
+        if gen.family == "tiny":
             return TextEncoder(cfg.text_encoder, tokens, gen.context_dim, self.vocabulary, self.load)
         if not gen.has_text_teacher:
             raise PandoraError(
@@ -98,8 +139,8 @@ class WorldModel(nn.Module):
                 f"image embedding): set model.text_encoder.enabled=false, loss.distill_weight=0 and loss.context=adapter "
                 f"(the align stage then trains with the diffusion loss alone)"
             )
-        teacher = gen.teacher(tokens, self.load.init, self.load.dtype)
-        if self.load.read_weights:
+        teacher = gen.teacher(tokens, shape_only.init, self.load.dtype)
+        if shape_only.read_weights:
             teacher.pretrained = {"model": str(Path(cfg.generator.pretrained).expanduser() / "text_encoder")}
         if teacher.width != gen.context_dim:
             raise PandoraError(
@@ -114,6 +155,8 @@ class WorldModel(nn.Module):
         for name, component in self.named_children():
             for sub, folder in getattr(component, "pretrained", {}).items():
                 out[f"{name}.{sub}" if sub else name] = folder
+        if self.precomputed:  # left out, but what the stored inputs (and a model file's users) were made with
+            out.update({name: folder for name, folder in self.frozen_inputs().items() if folder})
         return out
 
     def provided_keys(self) -> set[str]:
@@ -162,17 +205,25 @@ class WorldModel(nn.Module):
         queries = self.llm.read_rounds(states, texts, window)
         return self.output_adapter(queries.flatten(0, 1)).unflatten(0, (frames.shape[0], r))
 
-    def forward(self, given: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """given (B, Tc, 3, H, W) + B texts -> generator context (B, N, Dctx): vision encoder ->
-        input adapter -> LLM -> output adapter. The generator's `forward` is its training pair (prediction, target)."""
-        b, t = given.shape[:2]
-        patches = self.vision(given.flatten(0, 1))  # (B * Tc, gh, gw, Dv)
-        state = self.input_adapter(patches.unflatten(0, (b, t)))
-        return self.output_adapter(self.llm(state, texts))
+    def vision_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, T, gh, gw, Dv): the frozen vision tower's patch features of every frame."""
+        b, t = frames.shape[:2]
+        return self.vision(frames.flatten(0, 1)).unflatten(0, (b, t))
 
-    def context(self, given: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def forward(self, given: torch.Tensor | None, texts: list[str], features: torch.Tensor | None = None) -> torch.Tensor:
+        """given (B, Tc, 3, H, W) + B texts -> generator context (B, N, Dctx): vision encoder ->
+        input adapter -> LLM -> output adapter. `features` (B, Tc, gh, gw, Dv): the vision tower's
+        output, precomputed (then `given` is not read). The generator's `forward` is its training pair."""
+        patches = self.vision_features(given) if features is None else features.to(self.input_adapter_dtype)
+        return self.output_adapter(self.llm(self.input_adapter(patches), texts))
+
+    @property
+    def input_adapter_dtype(self) -> torch.dtype:
+        return next(self.input_adapter.parameters()).dtype
+
+    def context(self, given: torch.Tensor | None, texts: list[str], features: torch.Tensor | None = None) -> torch.Tensor:
         """The generator context that the LLM path gives for `texts` (see `forward`)."""
-        return self(given, texts)
+        return self(given, texts, features)
 
     def teacher_context(self, texts: list[str]) -> torch.Tensor:
         """B texts -> (B, N, Dctx): the generator's own text embedding, which `context` learns to imitate."""

@@ -64,6 +64,8 @@ def load_stage(path: str | Path, device: str | torch.device = "cpu", precision: 
         )
     check_fingerprints(ckpt["fingerprints"], f"checkpoint '{path}'")
     recipe = dict(meta["recipe"])
+    # A model trained from precomputed inputs runs on frames: rebuild it with its encoders.
+    recipe["data"] = {**recipe.get("data", {}), "precomputed": False}
     if precision is not None:
         recipe["trainer"] = {**recipe.get("trainer", {}), "precision": check_precision(precision)}
     module = STAGES[meta["stage"]](recipe, stored_vocabulary(ckpt, path))
@@ -103,7 +105,12 @@ def load_state_into(module: WorldModelStage, state: dict, what: str) -> None:
     `state` may hold every tensor or only what a checkpoint keeps (the rest comes from the folders)."""
     own = set(module.model.state_dict())
     mapped = {}
+    left_out = tuple(f"{name}." for name in module.model.frozen_inputs()) if module.model.precomputed else ()
     for key, value in state.items():
+        if left_out and key.startswith(left_out):  # an encoder precomputed inputs replace: kept aside, not loaded
+            if key in module.model.frozen_input_state:
+                module.model.frozen_input_state[key] = value.detach().to(module.model.frozen_input_state[key].dtype)
+            continue
         # peft moves a wrapped layer's weights under .base_layer
         head, _, leaf = key.rpartition(".")
         lora_key = f"{head}.base_layer.{leaf}"

@@ -24,6 +24,7 @@ from pandora_lightning.training.parallel import build_strategy, check_machine, f
 from pandora_lightning.training.model_file import write_model_file
 from pandora_lightning.training.recipe import TrainingRecipe
 from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
+from pandora_lightning.training.precompute import check_precomputed
 from pandora_lightning.training.sharded import check_resume_form
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary, training_texts, warn_unknown_words
@@ -118,6 +119,8 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
         init_adapt_from(module, recipe.init_from)
     elif recipe.init_from:
         init_from(module, recipe.init_from)
+    if recipe.data.precomputed:  # after init_from: encoders trained in an earlier stage come from its checkpoint
+        check_precomputed(recipe, module.model)
     counts = [sum(p.numel() for p in module.parameters() if p.requires_grad is on) for on in (True, False)]
     check_machine(recipe.parallel, recipe.trainer.devices, recipe.trainer.num_nodes, *counts)
     if texts and trainer.is_global_zero:

@@ -101,7 +101,10 @@ def write_model_file(path: str | Path, model: nn.Module, hyper_parameters: dict,
     vocabulary) + the fingerprints of its pretrained folders, as one safetensors file. `state`: the
     model's full state dict when it is sharded (gathered by `parallel.full_state_dict`)."""
     full = model.state_dict() if state is None else state
-    return write_state_file(path, {k: full[k] for k in saved_keys(model)}, hyper_parameters, fingerprints(model))
+    # Trained from precomputed inputs: the random / earlier-trained encoders left out of the model go in
+    # the file too, so that it is a whole model for generate and score.
+    kept = {k: full[k] for k in saved_keys(model)} | dict(getattr(model, "frozen_input_state", {}))
+    return write_state_file(path, kept, hyper_parameters, fingerprints(model))
 
 
 def write_state_file(path: str | Path, state: dict[str, torch.Tensor], hyper_parameters: dict, prints: dict) -> Path:

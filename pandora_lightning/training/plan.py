@@ -14,7 +14,9 @@ strategies store them differently. Weights, gradients and optimizer state follow
   fsdp2  per GPU: the same sharded over N GPUs (no buckets), plus the gathered blocks in flight:
          the largest component root, two blocks (one prefetched) and one block's gradients
   offload (fsdp2): the sharded part moves to host memory
-  precomputed: the frozen encoders (vision tower, VAE, text encoder) are not on the GPU
+  precomputed: the stage as `data.precomputed: true` builds it: the frozen encoders (vision tower,
+         teacher text encoder, the generator's VAE / image encoder) are not on the GPU, and the
+         step reads their outputs from the batch (rows left out where the recipe cannot use it)
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -35,7 +37,6 @@ from pandora_lightning.training.parallel import COMPONENTS, blocks_of, component
 GiB = 2**30
 RESERVE = 1.5 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: not measured, added as is
 HEADROOM = 0.10
-FROZEN_INPUTS = ("vision", "generator.vae", "text_encoder")  # what precomputed inputs take off the GPU
 
 
 class MetaScalars(TorchDispatchMode):
@@ -133,8 +134,6 @@ def count(model: nn.Module) -> Counts:
         key = ".".join(parts[:2]) if parts[0] == "generator" else parts[0]
         bucket = c.trainable if p.requires_grad else c.frozen
         bucket[key] = bucket.get(key, 0) + p.numel()
-        if not p.requires_grad and any(name.startswith(f"{f}.") for f in FROZEN_INPUTS):
-            c.frozen_inputs += p.numel()
     for unit in component_units(model).values():
         blocks = blocks_of(unit)
         in_blocks = 0
@@ -186,15 +185,15 @@ def peak_bytes(s: Setting, c: Counts, activations: int, gpus: int, compute_bytes
     return {"static": static, "grads": grads, "gathered": gathered, "activations": activations, "total": total}
 
 
-def settings(gpus: int) -> list[Setting]:
+def settings(gpus: int, precomputed_ok: bool = True) -> list[Setting]:
     """From the simplest to the most memory-saving: the first that fits is the one to use."""
     out = []
     for strategy in (["ddp"] if gpus < 2 else ["ddp", "fsdp2"]):
-        for precomputed in (False, True):
+        for precomputed in (False, True) if precomputed_ok else (False,):
             for checkpointing in (False, True):
                 out.append(Setting(strategy, checkpointing, precomputed))
     if gpus >= 2:
-        out.append(Setting("fsdp2", True, True, offload=True))
+        out.append(Setting("fsdp2", True, precomputed_ok, offload=True))
     return out
 
 
@@ -207,8 +206,10 @@ def checkpointable(model: nn.Module) -> list[str]:
 # --- the plan of a recipe ----------------------------------------------------------------------
 
 
-def build_on_meta(recipe):
-    """The recipe's stage with every parameter on the meta device (no memory, no weights read)."""
+def build_on_meta(recipe, precomputed: bool = False):
+    """The recipe's stage with every parameter on the meta device (no memory, no weights read);
+    `precomputed`: as data.precomputed=true builds it (the frozen encoders left out)."""
+    from dataclasses import replace
     from pandora_lightning.training.stage import STAGES
     from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary
 
@@ -218,19 +219,41 @@ def build_on_meta(recipe):
             vocabulary = resolve_vocabulary(recipe, from_checkpoints=False)
         except (PandoraError, OSError):  # no data here: the tiny tokenizers' size hardly matters for a plan
             vocabulary = [f"w{i}" for i in range(64)]
+    if precomputed != recipe.data.precomputed:
+        recipe = replace(recipe, data=replace(recipe.data, precomputed=precomputed))
     stage = STAGES[recipe.stage].from_recipe(recipe, vocabulary, meta=True)  # WorldModel builds on meta
     with on_meta():  # the stage's own layers (LoRA)
         return stage.to("meta")
 
 
-def plan_batch(recipe, batch_size: int, device="meta") -> dict:
+def plan_batch(recipe, batch_size: int, device="meta", full_model=None) -> dict:
+    """A batch of the recipe's size; with `full_model` (the stage's model with its encoders, on meta),
+    the batch of precomputed inputs a data.precomputed loader gives (the encoders' outputs)."""
     g = recipe.model.generator
     height, width = (getattr(g, "height", None) or g.image_size), (getattr(g, "width", None) or g.image_size)
     frames = torch.zeros(batch_size, g.frames, 3, height, width, dtype=torch.uint8, device=device)
-    return {"frames": frames, "text": ["move the object to the left"] * batch_size}
+    batch = {"frames": frames, "text": ["move the object to the left"] * batch_size}
+    if full_model is not None:
+        batch["encoded"] = precomputed_inputs(full_model, frames, batch["text"])
+        if not full_model.generator.needs_frames:
+            del batch["frames"]
+    return batch
 
 
-def measure_activations(stage, recipe, batch_size: int, checkpointing: list[str]) -> int:
+def precomputed_inputs(model, frames: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+    """What `shards encode` stores for a batch, cut to its windows: the frozen encoders run on meta."""
+    from pandora_lightning.data.frames import to_model_range
+
+    x = to_model_range(frames)
+    with torch.no_grad(), MetaScalars():
+        out = {"vision": model.vision_features(x[:, : model.cond_frames])}
+        out |= {f"gen.{k}": v for k, v in model.generator.precompute(x).items()}
+        if model.text_encoder is not None:
+            out["teacher"] = out["teacher_empty"] = model.teacher_context(texts)
+    return out
+
+
+def measure_activations(stage, recipe, batch_size: int, checkpointing: list[str], batch: dict | None = None) -> int:
     """Peak activation bytes of one training step of `stage` on meta (checkpointing switched on first)."""
     from pandora_lightning.training.parallel import apply_activation_checkpointing
 
@@ -239,7 +262,7 @@ def measure_activations(stage, recipe, batch_size: int, checkpointing: list[str]
         # the recomputation in backward runs outside the modes of the forward: give it the same rules
         apply_activation_checkpointing(stage.model, checkpointing, context_fn=lambda: (_nothing(), MetaAutocast(dtype)))
     stage.train()
-    batch = plan_batch(recipe, batch_size)
+    batch = batch or plan_batch(recipe, batch_size)
     with MetaAutocast(dtype):
         return measure_step(stage, lambda: stage.losses(batch)["loss"])
 
@@ -320,18 +343,22 @@ def make_plan(recipe, gpus: int, gpu_memory_gib: float = 80.0, batch_size: int |
     counts = count(stage.model)
     ckpt = checkpointable(stage.model)
     compute = 2 if _compute_dtype(recipe.trainer.precision) != torch.float32 else 4
+    try:
+        without = build_on_meta(recipe, precomputed=True)
+        counts.frozen_inputs = sum(p.numel() for p in stage.model.parameters()) - sum(p.numel() for p in without.model.parameters())
+        inputs, no_precomputed = plan_batch(recipe, batch, full_model=stage.model), None
+    except PandoraError as err:  # the family or the recipe cannot train from precomputed inputs
+        no_precomputed = str(err)
     activations = {}
     for checkpointing in (False, True):
-        for precomputed in (False, True):
-            stage = build_on_meta(recipe)
-            if precomputed:
-                _bypass_frozen_inputs(stage)
+        for precomputed in (False, True) if no_precomputed is None else (False,):
             activations[(checkpointing, precomputed)] = measure_activations(
-                stage, recipe, batch, ckpt if checkpointing else [])
+                build_on_meta(recipe, precomputed), recipe, batch, ckpt if checkpointing else [],
+                inputs if precomputed else None)
     rows = [(s, peak_bytes(s, counts, activations[(s.checkpointing, s.precomputed)], gpus, compute, compute, multi=gpus > 1))
-            for s in settings(gpus)]
+            for s in settings(gpus, no_precomputed is None)]
     return {"recipe": recipe, "gpus": gpus, "batch": batch, "counts": counts, "checkpointable": ckpt,
-            **choose(rows, gpu_memory_gib)}
+            "no_precomputed": no_precomputed, **choose(rows, gpu_memory_gib)}
 
 
 def choose(rows: list, gpu_memory_gib: float) -> dict:
@@ -339,32 +366,6 @@ def choose(rows: list, gpu_memory_gib: float) -> dict:
     for _, mem in rows:
         mem["fits"] = mem["total"] <= (1 - HEADROOM) * gpu_memory_gib * GiB
     return {"rows": rows, "gpu_memory": gpu_memory_gib, "best": next(((s, m) for s, m in rows if m["fits"]), None)}
-
-
-def _bypass_frozen_inputs(stage) -> None:
-    """What training from precomputed inputs leaves of the frozen encoders: their outputs, read from
-    the batch. Each stub returns a fresh tensor of the encoder's output shape (as a loaded batch would)."""
-    model = stage.model
-    model.vision.forward = _stubbed(model.vision.forward)
-    if model.text_encoder is not None:
-        model.text_encoder.forward = _stubbed(model.text_encoder.forward)
-    vae = getattr(model.generator, "vae", None)
-    if vae is not None:
-        vae.encode = _stubbed(vae.encode)
-
-
-def _stubbed(real):
-    """`real`'s output computed once outside the measurement, then a fresh uninitialised copy per call."""
-    cache: dict = {}
-
-    def fake(*args, **kwargs):
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in args)
-        if key not in cache:
-            with torch.no_grad(), _disable_current_modes(), MetaScalars():
-                cache[key] = real(*args, **kwargs)
-        return tree_map(lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else t, cache[key])
-
-    return fake
 
 
 def format_plan(plan: dict) -> str:
@@ -385,6 +386,8 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"activations measured by a meta-device training step; checkpointing covers {plan['checkpointable']}; "
               f"+{RESERVE / GiB:.1f} GiB reserve for the CUDA context and allocator; fits = at most "
               f"{100 * (1 - HEADROOM):.0f}% of the GPU", ""]
+    if plan.get("no_precomputed"):
+        lines += [f"no precomputed rows: {plan['no_precomputed']}", ""]
     lines.append(f"{'setting':<46} {'weights+optim':>13} {'grads':>9} {'gathered':>9} {'activations':>11} {'peak/GPU':>9}  fits")
     for s, m in plan["rows"]:
         lines.append(f"{s.name:<46} {_gib(m['static']):>13} {_gib(m['grads']):>9} {_gib(m['gathered']):>9} "
@@ -411,5 +414,5 @@ def recipe_overrides(s: Setting, checkpointable_components: list[str]) -> list[s
     if s.offload:
         out.append("parallel.cpu_offload=true")
     if s.precomputed:
-        out.append("(train from precomputed inputs: shards encode)")
+        out.append("data.precomputed=true (after `pandora-lightning shards encode`)")
     return out

@@ -2,6 +2,7 @@
 align and instruct stages that differ only in name and in the text that steers the generator."""
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import ClassVar
 
 import lightning as L
@@ -41,7 +42,9 @@ class WorldModelStage(L.LightningModule):
             {"recipe": to_dict(self.recipe), "stage": self.stage, "version": __version__, "vocabulary": list(vocabulary)}
         )
         precision = self.recipe.trainer.precision
-        self.model = WorldModel(self.recipe.model, vocabulary, dtype=compute_dtype(precision), meta=meta)
+        self.model = WorldModel(self.recipe.model, vocabulary, dtype=compute_dtype(precision), meta=meta,
+                                precomputed=self.recipe.data.precomputed)
+        refuse_trained_encoders(self.model, list(self.recipe.trainable))
         self.lora_layers = add_lora(self.model, self.recipe.lora)
         self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
         reconcile_dtypes(self.model, precision)
@@ -88,22 +91,30 @@ class WorldModelStage(L.LightningModule):
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
         check_saved_state(self.model, state, "resume checkpoint")
 
-    def diffusion_loss(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def diffusion_loss(self, frames: torch.Tensor | None, context: torch.Tensor, encoded: dict | None = None) -> torch.Tensor:
         """frames (B, T, 3, H, W) in [-1, 1], context (B, N, Dctx) -> MSE on the new frames.
 
         The generator family draws the noise level and forms its own target (epsilon, v, EDM, flow).
+        `encoded`: the generator's precomputed inputs ({"latents": (B, T, ...), ...}) instead of encoding `frames`.
         """
-        pred, target = self.model.generator(frames, context)
+        extra = {} if encoded is None else {"encoded": encoded}
+        pred, target = self.model.generator(frames, context, **extra)
         return F.mse_loss(pred.float(), target.float())
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch["frames"] (B, T, 3, H, W) uint8, batch["text"] B strings (or B lists, one text per round of a
-        multi-round window) -> {"loss": weighted total, "diffusion", "distill"}."""
+        multi-round window) -> {"loss": weighted total, "diffusion", "distill"}.
+
+        From precomputed inputs (data.precomputed; one round a window) batch["encoded"] holds the frozen
+        encoders' outputs ("vision" (B, Tc, gh, gw, Dv), "teacher" / "teacher_empty" (B, N, D), "gen.*")
+        and "frames" is there only when the generator reads pixels."""
         cfg = self.recipe.loss
-        frames = to_model_range(batch["frames"], self.dtype)
+        encoded = batch.get("encoded")
+        frames = to_model_range(batch["frames"], self.dtype) if "frames" in batch else None
         multi = isinstance(batch["text"][0], (list, tuple))
         texts = [list(t) if multi else [t] for t in batch["text"]]  # [B][R]
         teacher_texts = [list(t) if multi else [t] for t in batch.get("teacher_text", batch["text"])]
+        drop = [[False] * len(texts[0]) for _ in texts]
         if self.training and cfg.text_dropout > 0:
             drop = (torch.rand(len(texts) * len(texts[0])) < cfg.text_dropout).view(len(texts), -1).tolist()
             texts = [["" if d else t for d, t in zip(ds, ts)] for ds, ts in zip(drop, texts)]
@@ -112,14 +123,21 @@ class WorldModelStage(L.LightningModule):
         if cfg.context == "adapter" or cfg.distill_weight > 0:
             if multi:  # (B, R, N, D) -> (B * R, N, D), sample-major like the clips below
                 adapter = self.model.round_contexts(frames, [list(r) for r in zip(*texts)]).flatten(0, 1)
+            elif encoded is not None:
+                adapter = self.model.context(None, [t[0] for t in texts], encoded["vision"])
             else:
                 adapter = self.model.context(frames[:, : self.model.cond_frames], [t[0] for t in texts])
         if cfg.needs_teacher:
-            teacher = self.model.teacher_context([t for ts in teacher_texts for t in ts])
+            if encoded is None:
+                teacher = self.model.teacher_context([t for ts in teacher_texts for t in ts])
+            else:  # the stored embeddings of the window's text and of the empty text (text dropout)
+                empty = torch.tensor([d[0] for d in drop], device=encoded["teacher"].device).view(-1, 1, 1)
+                teacher = torch.where(empty, encoded["teacher_empty"], encoded["teacher"]).float()
         if multi:  # every round's clip: its given frames and its new frames
             f, n = self.model.new_frames, self.model.cond_frames
             frames = torch.stack([frames[:, r * f : r * f + n + f] for r in range(len(texts[0]))], 1).flatten(0, 1)
-        out = {"diffusion": self.diffusion_loss(frames, adapter if cfg.context == "adapter" else teacher)}
+        gen = None if encoded is None else {k.removeprefix("gen."): v for k, v in encoded.items() if k.startswith("gen.")}
+        out = {"diffusion": self.diffusion_loss(frames, adapter if cfg.context == "adapter" else teacher, gen)}
         if cfg.distill_weight > 0:
             # The teacher is the target, never pulled towards the adapter.
             out["distill"] = F.mse_loss(adapter.float(), teacher.detach().float())
@@ -129,7 +147,7 @@ class WorldModelStage(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         parts = self.losses(batch)
         for name, value in parts.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch["frames"].shape[0])
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch["text"]))
         return parts["loss"]
 
     def configure_optimizers(self):
@@ -188,6 +206,18 @@ class AdaptStage(WorldModelStage):
             out = save_adapter(self.model, self.recipe.lora.name, f"{self.recipe.run_dir}/adapter", self.recipe.init_from,
                                to_dict(self.recipe))
             rank_zero_info(f"[adapt] adapter '{self.recipe.lora.name}' written to {out}")
+
+
+def refuse_trained_encoders(model: WorldModel, patterns: list[str]) -> None:
+    """Precomputed inputs replace the frozen encoders by their stored outputs: a recipe that trains one is refused."""
+    trained = [(n, p) for n in model.frozen_input_names for p in patterns if fnmatchcase(n, p)]
+    if trained:
+        name, pattern = trained[0]
+        raise PandoraError(
+            f"data.precomputed: the recipe trains {name.split('.')[0] if not name.startswith('generator.') else '.'.join(name.split('.')[:2])} "
+            f"(trainable pattern '{pattern}'), but precomputed inputs replace that encoder by its stored outputs; "
+            f"remove it from `trainable` or set data.precomputed=false"
+        )
 
 
 STAGES: dict[str, type[WorldModelStage]] = {cls.stage: cls for cls in (AlignStage, InstructStage, AdaptStage)}

@@ -133,6 +133,12 @@ class FamilyGenerator(nn.Module):
 
     family: ClassVar[str]
     has_text_teacher: ClassVar[bool] = True
+    # Frozen children whose per-frame outputs `precompute` gives, so that training from precomputed
+    # inputs builds them on the meta device only (never reads their weights) and drops them.
+    frozen_parts: ClassVar[tuple[str, ...]] = ()
+    # Why this family cannot train from precomputed inputs (None: it can).
+    precompute_refusal: ClassVar[str | None] = None
+    needs_frames: ClassVar[bool] = False  # whether training from precomputed inputs still needs the pixels
     default_steps: ClassVar[int]
     default_guidance: ClassVar[float]
 

@@ -43,13 +43,15 @@ class I2VGenXLGenerator(UNetDenoiser, FamilyGenerator):
     default_steps = 50
     default_guidance = 9.0
     default_fps = 16  # the pipeline's target_fps
+    frozen_parts = ("vae", "image_encoder")
 
-    def __init__(self, cfg, folder: Path, init: str = "weights", dtype: torch.dtype | None = None):
+    def __init__(self, cfg, folder: Path, init: str = "weights", dtype: torch.dtype | None = None, frozen_init: str | None = None):
+        """`frozen_init`: how the VAE and image encoder are built when not as `init` (meta: precomputed inputs)."""
         super().__init__(cfg, folder)
         self.unet = load_part(folder, "unet", {"I2VGenXLUNet": I2VGenXLUNet}, init, dtype)
-        self.vae = freeze(load_part(folder, "vae", {"AutoencoderKL": AutoencoderKL}, init, dtype))
+        self.vae = freeze(load_part(folder, "vae", {"AutoencoderKL": AutoencoderKL}, frozen_init or init, dtype))
         encoder = {"CLIPVisionModelWithProjection": CLIPVisionModelWithProjection}
-        self.image_encoder = freeze(load_part(folder, "image_encoder", encoder, init, dtype))
+        self.image_encoder = freeze(load_part(folder, "image_encoder", encoder, frozen_init or init, dtype))
         self.processor = read_processor(folder, "feature_extractor")
         config = DDIMScheduler.load_config(folder, subfolder="scheduler")
         self.scheduler = DDIMScheduler.from_config(config)
@@ -79,9 +81,10 @@ class I2VGenXLGenerator(UNetDenoiser, FamilyGenerator):
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) -> scaled latents (B, T, 4, h, w)."""
+        """(B, T, 3, H, W) -> scaled latents (B, T, 4, h, w), contiguous (the VAE gives channels-last, and noise
+        drawn `like` them would then differ from noise drawn like stored latents)."""
         z = self.vae.encode(frames.flatten(0, 1).to(self.vae.dtype)).latent_dist.mode()
-        return (z.float() * self.vae.config.scaling_factor).unflatten(0, frames.shape[:2])
+        return (z.float() * self.vae.config.scaling_factor).unflatten(0, frames.shape[:2]).contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -94,6 +97,13 @@ class I2VGenXLGenerator(UNetDenoiser, FamilyGenerator):
         """(B, 3, H, W) in [-1, 1] -> (B, 1, D) CLIP image embedding of its centre square."""
         pixels = clip_pixels(image, self.processor, square_crop=True).to(self.image_encoder.dtype)
         return self.image_encoder(pixels).image_embeds.float().unsqueeze(1)
+
+    @torch.no_grad()
+    def precompute(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, T, 3, H, W) -> what `forward` reads of its frozen parts, per frame: scaled VAE latents
+        (B, T, 4, h, w) and the CLIP image embedding of each frame (B, T, 1, D) (the window's first is used)."""
+        b, t = frames.shape[:2]
+        return {"latents": self.encode(frames), "image_embeds": self.image_embedding(frames.flatten(0, 1)).unflatten(0, (b, t))}
 
     def image_latents(self, known: torch.Tensor) -> torch.Tensor:
         """Latents of the k given frames (B, k, 4, h, w) -> the image stream (B, 4, T, h, w): them, then position maps."""
@@ -112,11 +122,14 @@ class I2VGenXLGenerator(UNetDenoiser, FamilyGenerator):
         ).sample
         return out.float().transpose(1, 2)
 
-    def forward(self, frames, context, noise=None, timesteps=None):
-        """frames (B, T, 3, H, W) -> (UNet output, target of the folder's prediction type) on the new frames."""
+    def forward(self, frames, context, noise=None, timesteps=None, encoded=None):
+        """frames (B, T, 3, H, W) -> (UNet output, target of the folder's prediction type) on the new frames.
+        `encoded`: the window's `precompute` outputs instead of the frames (which may then be None)."""
         k = self.cfg.cond_frames
-        x0 = self.encode(frames)
-        image_embeds = self.image_embedding(frames[:, 0])
+        if encoded is None:
+            x0, image_embeds = self.encode(frames), self.image_embedding(frames[:, 0])
+        else:
+            x0, image_embeds = encoded["latents"].float(), encoded["image_embeds"][:, 0].float()
         noise = torch.randn_like(x0) if noise is None else noise
         if timesteps is None:
             timesteps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)

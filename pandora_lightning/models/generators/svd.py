@@ -38,8 +38,10 @@ class SVDGenerator(UNetDenoiser, FamilyGenerator):
     default_fps = 7
     # EDM training noise: log(sigma) ~ N(P_MEAN, P_STD^2), shifted to high noise as in SVD fine-tuning.
     P_MEAN, P_STD = 0.7, 1.6
+    precompute_refusal = ("it conditions on VAE latents of the given frames with fresh noise added at every step "
+                          "(noise_aug_strength), which stored latents cannot reproduce")
 
-    def __init__(self, cfg, folder: Path, init: str = "weights", dtype: torch.dtype | None = None):
+    def __init__(self, cfg, folder: Path, init: str = "weights", dtype: torch.dtype | None = None, frozen_init: str | None = None):
         super().__init__(cfg, folder)
         self.unet = load_part(folder, "unet", {"UNetSpatioTemporalConditionModel": UNetSpatioTemporalConditionModel}, init, dtype)
         self.vae = freeze(load_part(folder, "vae", {"AutoencoderKLTemporalDecoder": AutoencoderKLTemporalDecoder}, init, dtype))

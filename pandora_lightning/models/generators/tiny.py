@@ -43,6 +43,13 @@ class TinyGenerator(UNetDenoiser, nn.Module):
     family = "tiny"
     has_text_teacher = True  # the tiny random CLIP text encoder of the world model
     context_tokens = None
+    # Pixel space: no VAE, nothing of the generator's to precompute (its "latents" are the pixels).
+    frozen_parts: tuple[str, ...] = ()
+    precompute_refusal = None
+    needs_frames = True
+
+    def precompute(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
 
     def __init__(self, cfg):
         super().__init__()
@@ -98,8 +105,9 @@ class TinyGenerator(UNetDenoiser, nn.Module):
             return torch.zeros_like(latents[:, :1])
         return latents[:, self.cfg.cond_frames - 1 : self.cfg.cond_frames]
 
-    def forward(self, frames, context, noise=None, timesteps=None):
-        """The training pair: frames (B, T, 3, H, W) -> (UNet output, target of the prediction type) on the new frames."""
+    def forward(self, frames, context, noise=None, timesteps=None, encoded=None):
+        """The training pair: frames (B, T, 3, H, W) -> (UNet output, target of the prediction type) on the new frames.
+        `encoded` (precomputed inputs) is not used: the tiny generator works on the pixels."""
         n = self.cfg.cond_frames
         latents = self.encode(frames)
         x0, cond = latents - self.anchor(latents), self.condition(latents)

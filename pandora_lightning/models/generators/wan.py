@@ -51,8 +51,10 @@ class WanGenerator(FamilyGenerator):
     family = "wan"
     default_steps = 50
     default_guidance = 5.0
+    precompute_refusal = ("its causal video VAE encodes a window from the window's first frame, so latents cannot be "
+                          "stored once per frame")
 
-    def __init__(self, cfg, folder: Path, init: str = "weights", dtype: torch.dtype | None = None):
+    def __init__(self, cfg, folder: Path, init: str = "weights", dtype: torch.dtype | None = None, frozen_init: str | None = None):
         super().__init__(cfg, folder)
         self.transformer = load_part(folder, "transformer", {"WanTransformer3DModel": WanTransformer3DModel}, init, dtype)
         self.vae = freeze(load_part(folder, "vae", {"AutoencoderKLWan": AutoencoderKLWan}, init, dtype))
