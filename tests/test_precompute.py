@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pandora_lightning.cli import main
-from pandora_lightning.data.manifest import load_manifest
+from pandora_lightning.data.manifest import load_manifest, write_manifest
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.fit import fit
@@ -26,11 +26,22 @@ def i2v_overrides(folder) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def encoded(world_manifest, tmp_path_factory):
+def one_set(world_manifest, tmp_path_factory):
+    """The test world's first train set alone (8 clips): encoding is the slow part of these tests."""
+    world = load_manifest(world_manifest)
+    first = world.sets_for("train")[0]
+    root = (world_manifest.parent / world.root).resolve()
+    record = {"split": "train", "domain": first.domain, "shards": list(first.shards), "samples": first.samples}
+    path = tmp_path_factory.mktemp("one-set") / "one.yaml"
+    return type(world_manifest)(write_manifest(path, "one", root, [record]).path)
+
+
+@pytest.fixture(scope="module")
+def encoded(one_set, tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
     folder = i2vgen_xl(root / "i2vgen-xl")
     out = root / "encoded"
-    args = ["shards", "encode", str(world_manifest), *i2v_overrides(folder), "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
+    args = ["shards", "encode", str(one_set), *i2v_overrides(folder), "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
             "--out", str(out), "--split", "train", "--quiet"]
     assert main(args) == 0
     return folder, out / "manifest.yaml"
@@ -41,12 +52,12 @@ def losses(run_dir) -> list[float]:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
-def test_losses_from_precomputed_shards_equal_losses_from_frames(encoded, world_manifest, tmp_path):
+def test_losses_from_precomputed_shards_equal_losses_from_frames(encoded, one_set, tmp_path):
     folder, manifest = encoded
     record = load_manifest(manifest).encoding
     assert record.family == "i2vgen-xl" and not record.needs_frames and (record.height, record.width) == (16, 16)
     assert set(record.encoders) == {"vision", "generator.vae", "generator.image_encoder", "text_encoder"}
-    raw = tiny_recipe("instruct", world_manifest, tmp_path / "raw", *i2v_overrides(folder))
+    raw = tiny_recipe("instruct", one_set, tmp_path / "raw", *i2v_overrides(folder))
     pre = tiny_recipe("instruct", manifest, tmp_path / "pre", *i2v_overrides(folder), "data.precomputed=true")
     fit(raw)
     final = fit(pre)
@@ -110,17 +121,17 @@ def test_plan_precomputed_rows_take_off_what_the_switch_leaves_out(encoded, worl
     assert not any(s.precomputed for s, _ in align["rows"]) and "trains text_encoder" in align["no_precomputed"]
 
 
-def test_tiny_recipe_from_align_checkpoint_pixels_kept_and_model_file_whole(align_checkpoint, world_manifest, tmp_path):
+def test_tiny_recipe_from_align_checkpoint_pixels_kept_and_model_file_whole(align_checkpoint, one_set, tmp_path):
     """The tiny generator has no VAE (its frames still come from the mp4); the vision tower and the text
     encoder are the align checkpoint's (known by their tensors), and come back in the model file."""
     start = [f"init_from={align_checkpoint}"]
     out = tmp_path / "encoded"
-    assert main(["shards", "encode", str(world_manifest), *start, "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
+    assert main(["shards", "encode", str(one_set), *start, "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
                  "--out", str(out), "--split", "train", "--quiet"]) == 0
     record = load_manifest(out / "manifest.yaml").encoding
     assert record.needs_frames and set(record.encoders) == {"vision", "text_encoder"}
     assert all(v.startswith("tensors:") for v in record.encoders.values())
-    fit(tiny_recipe("instruct", world_manifest, tmp_path / "raw", *start))
+    fit(tiny_recipe("instruct", one_set, tmp_path / "raw", *start))
     final = fit(tiny_recipe("instruct", out / "manifest.yaml", tmp_path / "pre", *start, "data.precomputed=true"))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "pre")), torch.tensor(losses(tmp_path / "raw")), rtol=1e-5, atol=1e-6)
     whole, aligned = load_stage(final).model, load_stage(align_checkpoint).model

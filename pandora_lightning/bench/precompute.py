@@ -5,8 +5,8 @@ diffusers folder in that release's layout, written here: UNet, a VAE, a CLIP ima
 CLIP text teacher), so that the VAE, the image encoder, the vision tower and the teacher all run in
 the baseline. World shards (`clips` train clips) are encoded once with `shards encode` (timed);
 then both stages train on the same batches (held in memory, so only the step is timed) from the
-same initial weights with the same optimiser, in a plain loop (bench/train.py), alternating, best
-of `repeats`. Loading is timed apart: the shard loader (0 workers) making those batches.
+same initial weights with the same optimiser, in a plain loop (bench/train.py), taking turns step by
+step; the median step after WARMUP is reported. Loading is timed apart: the shard loader (0 workers) making those batches.
 """
 from __future__ import annotations
 
@@ -66,22 +66,27 @@ def tiny_i2vgen_folder(folder: Path, words: list[str]) -> Path:
     return folder
 
 
-def _plain_steps(recipe, batches: list[dict]) -> float:
-    """Median seconds of a training step (loss, backward, clipping, AdamW) after WARMUP steps."""
-    L.seed_everything(recipe.seed, verbose=False)
-    stage = STAGES[recipe.stage].from_recipe(recipe, resolve_vocabulary(recipe, training_texts(recipe))).train()
-    optimizer = stage.configure_optimizers()["optimizer"]
-    params = [p for p in stage.parameters() if p.requires_grad]
-    ends = []
-    for batch in batches:
-        loss = stage.losses(batch)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.trainer.gradient_clip_val)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    steps = sorted(b - a for a, b in zip(ends[WARMUP:], ends[WARMUP + 1 :]))
-    return steps[len(steps) // 2], sum(p.numel() for p in stage.parameters())
+class _Trainer:
+    """One stage, its AdamW and its batches: a plain training step at a time (bench/train.py's loop)."""
+
+    def __init__(self, recipe, batches: list[dict]):
+        L.seed_everything(recipe.seed, verbose=False)
+        self.stage = STAGES[recipe.stage].from_recipe(recipe, resolve_vocabulary(recipe, training_texts(recipe))).train()
+        self.optimizer = self.stage.configure_optimizers()["optimizer"]
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        self.clip, self.batches, self.times = recipe.trainer.gradient_clip_val, batches, []
+
+    def step(self, i: int) -> None:
+        started = time.perf_counter()
+        self.stage.losses(self.batches[i])["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - started)
+
+    def median(self) -> float:
+        steps = sorted(self.times[WARMUP:])
+        return steps[len(steps) // 2]
 
 
 def _batches(recipe, n: int) -> tuple[list[dict], float]:
@@ -90,8 +95,8 @@ def _batches(recipe, n: int) -> tuple[list[dict], float]:
     return batches, (time.perf_counter() - started) / n
 
 
-def run_precompute_bench(recipe_path: str = "recipes/tiny/instruct.yaml", clips: int = 64, steps: int = 6,
-                         repeats: int = 2, batch_size: int = 2) -> dict:
+def run_precompute_bench(recipe_path: str = "recipes/tiny/instruct.yaml", clips: int = 64, steps: int = 16,
+                         batch_size: int = 2) -> dict:
     """The i2vgen-xl UNet pools its image stream to a fixed 32x32 grid whatever the clip size, so even at
     tiny widths its step costs seconds on a CPU: small clips (3 frames at 16x16) and batches of 2."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,11 +119,13 @@ def run_precompute_bench(recipe_path: str = "recipes/tiny/instruct.yaml", clips:
         raw_batches, raw_load = _batches(raw, n)
         pre_batches, pre_load = _batches(pre, n)
         assert [b["key"] for b in raw_batches] == [b["key"] for b in pre_batches], "the two loaders give the same samples"
-        times = {"frames": [], "precomputed": []}
-        for _ in range(repeats):
-            times["frames"].append(_plain_steps(raw, raw_batches))
-            times["precomputed"].append(_plain_steps(pre, pre_batches))
-    (raw_s, raw_params), (pre_s, pre_params) = min(times["frames"]), min(times["precomputed"])
+        # the two take turns step by step, so that the machine's drift falls on both alike
+        runs = [_Trainer(raw, raw_batches), _Trainer(pre, pre_batches)]
+        for i in range(n):
+            for run in runs if i % 2 else runs[::-1]:
+                run.step(i)
+    raw_s, pre_s = (run.median() for run in runs)
+    raw_params, pre_params = (sum(p.numel() for p in run.stage.parameters()) for run in runs)
     g = raw.model.generator
     result = {
         "model": f"tiny instruct recipe, i2vgen-xl family (VAE + CLIP image encoder + CLIP text teacher), batch {batch_size}, "
