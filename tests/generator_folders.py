@@ -39,22 +39,15 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from pandora_lightning.models.tokenizer import word_clip_tokenizer
+
 WORDS = ("move", "left", "right", "up", "down", "grow", "shrink", "the", "object", "a")
 CONTEXT = 32  # cross-attention width of every tiny family (1024 / 1024 / 4096 in the releases)
 
 
 def clip_tokenizer(max_length: int) -> CLIPTokenizer:
     """A byte-pair CLIP tokenizer whose merges spell exactly WORDS."""
-    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
-    for word in WORDS:
-        parts = [*word[:-1], word[-1] + "</w>"]
-        for p in parts:
-            vocab.setdefault(p, len(vocab))
-        while len(parts) > 1:
-            merges.append((parts[0], parts[1]))
-            parts = [parts[0] + parts[1], *parts[2:]]
-            vocab.setdefault(parts[0], len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return word_clip_tokenizer(WORDS, max_length)
 
 
 def t5_tokenizer() -> T5Tokenizer:

@@ -35,20 +35,13 @@ TOKENS = 16  # the teacher's tokenizer length = the output adapter's queries
 def tiny_i2vgen_folder(folder: Path, words: list[str]) -> Path:
     """A random i2vgen-xl pipeline at tiny widths (diffusers' own pipeline-test sizes), saved as a release is."""
     from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLPipeline, I2VGenXLUNet
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
+    from pandora_lightning.models.tokenizer import word_clip_tokenizer
+
     torch.manual_seed(0)
-    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
-    for word in words:  # merges that spell each word, so every text is whole-word tokens
-        parts = [*word[:-1], word[-1] + "</w>"]
-        for p in parts:
-            vocab.setdefault(p, len(vocab))
-        while len(parts) > 1:
-            merges.append((parts[0], parts[1]))
-            parts = [parts[0] + parts[1], *parts[2:]]
-            vocab.setdefault(parts[0], len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENS)
+    tokenizer = word_clip_tokenizer(words, TOKENS)
     unet = I2VGenXLUNet(block_out_channels=(32, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
                         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
                         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)

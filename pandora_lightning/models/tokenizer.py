@@ -5,7 +5,7 @@ import re
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>")
 
@@ -27,3 +27,18 @@ def build_word_tokenizer(vocabulary: Iterable[str]) -> PreTrainedTokenizerFast:
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
+
+
+def word_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:
+    """A byte-pair CLIP tokenizer whose merges spell exactly `words`, so every text of those words is
+    whole-word tokens: the tokenizer of the tiny CLIP-style folders (tests, benches) built as releases are."""
+    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
+    for word in words:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        for p in parts:
+            vocab.setdefault(p, len(vocab))
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.setdefault(parts[0], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
