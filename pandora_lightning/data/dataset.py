@@ -172,12 +172,7 @@ class ExampleDecoder:
                 raise ValueError(sample["__error__"])
             meta = parse_meta(sample.get("json"))
             start, text, teacher = self.window(meta, rng or random)
-            if not isinstance(sample.get("mp4"), (bytes, bytearray)):
-                raise ValueError("the mp4 member is missing")
-            need = self.window_frames
-            clip = decode_mp4(sample["mp4"], num_frames=need, start=start, size=self.size)
-            if len(clip) < need:
-                raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + need}")
+            out = self.payload(sample, start, teacher)
         except NoText as err:
             self.counter.no_text += 1
             self.counter.no_text_example = self.counter.no_text_example or f"{url}:{printable(key)} ({err})"
@@ -187,9 +182,20 @@ class ExampleDecoder:
         except Exception as err:  # noqa: BLE001 - a sample's bytes are untrusted: whatever they break is a corrupt sample
             self.counter.skip(url, key, f"{type(err).__name__}: {err}")
             return None
-        window = np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
-        return {"frames": torch.from_numpy(window), "text": text, "teacher_text": teacher, "domain": meta.get("domain", ""),
-                "key": key}
+        return {**out, "text": text, "teacher_text": teacher, "domain": meta.get("domain", ""), "key": key}
+
+    def payload(self, sample: dict, start: int, teacher) -> dict:
+        """The window's tensors (here its frames); raising ValueError marks the sample corrupt."""
+        return {"frames": self.frames_at(sample, start, self.window_frames)}
+
+    def frames_at(self, sample: dict, start: int, need: int) -> torch.Tensor:
+        """`need` frames of the sample's mp4 from `start`, (T, 3, H, W) uint8 at the decoder's size."""
+        if not isinstance(sample.get("mp4"), (bytes, bytearray)):
+            raise ValueError("the mp4 member is missing")
+        clip = decode_mp4(sample["mp4"], num_frames=need, start=start, size=self.size)
+        if len(clip) < need:
+            raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + need}")
+        return torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2)))
 
 
 def collate(examples: list[dict]) -> dict:

@@ -16,18 +16,13 @@ of these tensors instead of decoding and encoding the frames.
 from __future__ import annotations
 
 import json
-import random
 import struct
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, NoText, parse_meta
-from pandora_lightning.data.tar import printable
-from pandora_lightning.data.video import decode_mp4
-from pandora_lightning.errors import PandoraError
+from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder
 
 MEMBER = "encoded.safetensors"
 
@@ -74,31 +69,12 @@ class EncodedExampleDecoder(ExampleDecoder):
         super().__init__(kind, frames, cond_frames, counter, size)
         self.needs_frames = needs_frames
 
-    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict | None:
-        url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
-        self.counter.seen += 1
-        try:
-            if "__error__" in sample:
-                raise ValueError(sample["__error__"])
-            meta = parse_meta(sample.get("json"))
-            start, text, teacher = self.window(meta, rng or random)
-            tensors, texts = unpack(sample.get(MEMBER))
-            out = self._cut(tensors, texts, start, teacher)
-            if self.needs_frames:
-                clip = decode_mp4(sample["mp4"], num_frames=self.frames, start=start, size=self.size)
-                if len(clip) < self.frames:
-                    raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + self.frames}")
-                out["frames"] = torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2)))
-        except NoText as err:
-            self.counter.no_text += 1
-            self.counter.no_text_example = self.counter.no_text_example or f"{url}:{printable(key)} ({err})"
-            return None
-        except PandoraError:
-            raise
-        except Exception as err:  # noqa: BLE001 - untrusted bytes: whatever they break is a corrupt sample
-            self.counter.skip(url, key, f"{type(err).__name__}: {err}")
-            return None
-        return {**out, "text": text, "teacher_text": teacher, "domain": meta.get("domain", ""), "key": key}
+    def payload(self, sample: dict, start: int, teacher) -> dict:
+        tensors, texts = unpack(sample.get(MEMBER))
+        out = self._cut(tensors, texts, start, teacher)
+        if self.needs_frames:
+            out["frames"] = self.frames_at(sample, start, self.frames)
+        return out
 
     def _cut(self, tensors: dict, texts: list[str], start: int, text: str) -> dict:
         encoded = {}
