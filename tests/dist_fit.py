@@ -6,6 +6,9 @@
 Each rank appends {"step", "loss", "keys"} per step to OUT/steps-<rank>.jsonl. With SIGNAL_AT_STEP=k
 in the environment, rank 0 sends itself SIGUSR1 after step k (the signal SLURM sends before the
 time limit) - only rank 0, as a real signal reaches the ranks at slightly different moments.
+With DUMP_START=1, at the start of fit rank 0 writes the model's full state dict (gathered from the
+shards) to OUT/start.safetensors, and each rank writes OUT/start-<rank>.json: its buffers' sums and
+the elements it read from pretrained folders (models.weight_files) and the local sizes of its shards.
 """
 from __future__ import annotations
 
@@ -25,6 +28,27 @@ ROOT = Path(__file__).resolve().parents[1]
 class StepLog(L.Callback):
     def __init__(self, out: Path, signal_at: int):
         self.out, self.signal_at = out, signal_at
+
+    def on_fit_start(self, trainer, pl_module):
+        if os.environ.get("DUMP_START") != "1":
+            return
+        from safetensors.torch import save_file
+        from torch.distributed.tensor import DTensor
+
+        from pandora_lightning.models.weight_files import ELEMENTS_READ
+        from pandora_lightning.training.parallel import full_state_dict
+
+        model = pl_module.model
+        state = full_state_dict(model)
+        if state is None:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if trainer.global_rank == 0:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(self.out / "start.safetensors"))
+        local = {n: (p.to_local() if isinstance(p, DTensor) else p).numel() for n, p in model.named_parameters()}
+        buffers = {n: b.double().sum().item() for n, b in model.named_buffers() if b.is_floating_point()}
+        (self.out / f"start-{trainer.global_rank}.json").write_text(json.dumps(
+            {"read": ELEMENTS_READ, "local": local, "global": {n: p.numel() for n, p in model.named_parameters()},
+             "buffers": buffers}))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

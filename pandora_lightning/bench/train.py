@@ -79,6 +79,10 @@ def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2, parts: 
         from pandora_lightning.bench.precompute import run_precompute_bench
 
         result["precompute"] = run_precompute_bench(recipe_path)
+    if "startup" in parts:
+        from pandora_lightning.bench.startup import run_startup_bench
+
+        result["startup"] = run_startup_bench()
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -25,12 +25,16 @@ class LoadOptions:
 
     weights: read the folders' weights (False: config only, random init);
     meta: build on the meta device (no memory, nothing read but configs; implies weights=False);
-    dtype: the dtype weights are loaded in (the compute dtype of frozen parts).
+    dtype: the dtype weights are loaded in (the compute dtype of frozen parts);
+    lazy: components whose folder holds weights get their parameters on the meta device and their
+    buffers computed as usual; the weights are read later, each rank only its shard of every tensor
+    (see `models.weight_files` and `training.materialize`). Everything else is built as usual.
     """
 
     weights: bool = True
     meta: bool = False
     dtype: torch.dtype = torch.float32
+    lazy: bool = False
 
     @property
     def read_weights(self) -> bool:
@@ -39,11 +43,23 @@ class LoadOptions:
     @property
     def init(self) -> str:
         """The generator families' name for it: weights | random | meta."""
-        return "meta" if self.meta else "weights" if self.weights else "random"
+        return "meta" if self.meta else "random" if not self.weights else "lazy" if self.lazy else "weights"
 
     def device(self):
         """Context in which modules are constructed."""
         return torch.device("meta") if self.meta else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def empty_parameters():
+    """Context in which a pretrained component is built for lazy loading: parameters on the meta
+    device (no memory), buffers computed on the CPU as its constructor computes them. The random
+    draws of its initialisation are undone: loading from a folder draws none, and what is built
+    after it must draw the same numbers as in a build that loads it."""
+    from accelerate import init_empty_weights
+
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+        yield
 
 
 def local_dir(path: str, what: str, must_contain: str = "config.json") -> Path:

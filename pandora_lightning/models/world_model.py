@@ -48,7 +48,7 @@ class WorldModel(nn.Module):
 
     def __init__(
         self, cfg: WorldModelConfig, vocabulary: Iterable[str] = (), dtype: torch.dtype = torch.float32, meta: bool = False,
-        precomputed: bool = False,
+        precomputed: bool = False, lazy: bool = False,
     ):
         """`vocabulary`: the words of the tiny word-level tokenizers (used only by components built
         without a pretrained folder, which bring their own tokenizer). `dtype`: the dtype pretrained
@@ -56,11 +56,14 @@ class WorldModel(nn.Module):
         the meta device from configs alone (no weights read, no memory): to count and plan.
         `precomputed`: the frozen encoders (`frozen_inputs`) are left out, their outputs come with
         the batch: pretrained ones are built on meta (config only) and dropped; random ones are
-        built (the same random draws as a full model) and kept aside as `frozen_input_state`."""
+        built (the same random draws as a full model) and kept aside as `frozen_input_state`.
+        `lazy`: components read from a folder get their parameters on the meta device (their buffers
+        as usual), the weights to be read per rank after sharding (`training.materialize`); every
+        other tensor is built as in a full build, with the same random draws."""
         super().__init__()
         self.cfg = cfg
         self.vocabulary = list(vocabulary)
-        self.load = load = LoadOptions(weights=cfg.weights == "pretrained", meta=meta, dtype=dtype)
+        self.load = load = LoadOptions(weights=cfg.weights == "pretrained", meta=meta, dtype=dtype, lazy=lazy)
         self.precomputed = precomputed
         shape_only = replace(load, meta=True) if precomputed else load  # pretrained parts: config only
         self.vision = VisionEncoder(cfg.vision, shape_only if cfg.vision.pretrained else load)

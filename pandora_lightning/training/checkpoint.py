@@ -14,7 +14,8 @@ import torch
 
 from pandora_lightning import __version__
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, read_model_file
+from pandora_lightning.training.materialize import init_from_source
+from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, model_file_header, read_model_file
 from pandora_lightning.training.precision import check_precision, reconcile_dtypes
 from pandora_lightning.training.sharded import read_sharded
 from pandora_lightning.training.stage import STAGES, WorldModelStage
@@ -92,29 +93,56 @@ def stored_vocabulary(ckpt: dict, path: str | Path) -> list[str]:
 
 
 def init_from(module: WorldModelStage, path: str | Path) -> None:
-    """Start `module` from another checkpoint's model weights (instruct <- align); LoRA layers may be new."""
+    """Start `module` from another checkpoint's model weights (instruct <- align); LoRA layers may be new.
+    A lazily built module (`parallel.meta_init`) only records the file: each rank reads its shards later."""
+    if module.lazy_weights is not None and Path(path).suffix == ".safetensors" and Path(path).is_file():
+        return lazy_init_from(module, path)
     ckpt = load_checkpoint_file(path)
     check_fingerprints(ckpt["fingerprints"], f"checkpoint '{path}'")
     state = {key.removeprefix("model."): value for key, value in ckpt["state_dict"].items()}
-    load_state_into(module, state, f"checkpoint '{path}' (stage {ckpt['hyper_parameters'].get('stage')})")
+    what = f"checkpoint '{path}' (stage {ckpt['hyper_parameters'].get('stage')})"
+    if module.lazy_weights is not None:  # a resume file or sharded folder: trained tensors only, already in memory
+        keys = state_keys_into(module, state, what)
+        module.lazy_weights.set_init_from(init_from_source(path, state), keys)
+        return
+    load_state_into(module, state, what)
 
 
-def load_state_into(module: WorldModelStage, state: dict, what: str) -> None:
-    """Load WorldModel weights `state` into `module.model`; its LoRA layers (absent from `state`) stay as built.
+def lazy_init_from(module: WorldModelStage, path: str | Path) -> None:
+    """`init_from` for a lazily built module: a model file's header is read and checked now, its tensors later."""
+    header = model_file_header(Path(path))
+    check_fingerprints(header["fingerprints"], f"checkpoint '{path}'")
+    source = init_from_source(path, None)
+    what = f"checkpoint '{path}' (stage {header['hyper_parameters'].get('stage')})"
+    keys = state_keys_into(module, {k: None for k in source.keys()}, what, read=source.read)
+    module.lazy_weights.set_init_from(source, keys)
 
-    `state` may hold every tensor or only what a checkpoint keeps (the rest comes from the folders)."""
+
+def state_keys_into(module: WorldModelStage, state: dict, what: str, read=None) -> dict[str, str]:
+    """Which of `module.model`'s tensors `state`'s keys load into: {model name: key in `state`}, checked as
+    `load_state_into` checks them. Encoders that precomputed inputs replace are kept aside at once
+    (their values from `state`, or from `read(key)`)."""
     own = set(module.model.state_dict())
     mapped = {}
     left_out = tuple(f"{name}." for name in module.model.frozen_inputs()) if module.model.precomputed else ()
     for key, value in state.items():
         if left_out and key.startswith(left_out):  # an encoder precomputed inputs replace: kept aside, not loaded
             if key in module.model.frozen_input_state:
+                value = read(key) if value is None else value
                 module.model.frozen_input_state[key] = value.detach().to(module.model.frozen_input_state[key].dtype)
             continue
         # peft moves a wrapped layer's weights under .base_layer
         head, _, leaf = key.rpartition(".")
         lora_key = f"{head}.base_layer.{leaf}"
-        mapped[lora_key if key not in own and lora_key in own else key] = value
+        mapped[lora_key if key not in own and lora_key in own else key] = key
     check_saved_state(module.model, mapped, what, start=True)
-    module.model.load_state_dict(mapped, strict=False)
+    return mapped
+
+
+def load_state_into(module: WorldModelStage, state: dict, what: str) -> None:
+    """Load WorldModel weights `state` into `module.model`; its LoRA layers (absent from `state`) stay as built.
+
+    `state` may hold every tensor or only what a checkpoint keeps (the rest comes from the folders)."""
+    keys = state_keys_into(module, state, what)
+    module.model.load_state_dict({name: state[key] for name, key in keys.items()}, strict=False)
     reconcile_dtypes(module.model, module.recipe.trainer.precision)

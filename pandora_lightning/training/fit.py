@@ -114,11 +114,16 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
 def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, trainer: L.Trainer) -> Path:
     texts = training_texts(recipe) if needs_vocabulary(recipe) else []
     vocabulary = resolve_vocabulary(recipe, texts)
-    module: WorldModelStage = stage_cls.from_recipe(recipe, vocabulary)
+    # fsdp2: pretrained weights stay on the meta device until each rank reads its shards (configure_model);
+    # the adapt stage merges its base checkpoint's LoRA into the weights, which needs them all in memory.
+    lazy = recipe.parallel.lazy and recipe.stage != "adapt"
+    module: WorldModelStage = stage_cls.from_recipe(recipe, vocabulary, lazy=lazy)
     if recipe.stage == "adapt":
         init_adapt_from(module, recipe.init_from)
     elif recipe.init_from:
         init_from(module, recipe.init_from)
+    if module.lazy_weights is not None:  # every tensor's source checked against the files' headers now
+        module.lazy_weights.check(module.model)
     if recipe.data.precomputed:  # after init_from: encoders trained in an earlier stage come from its checkpoint
         check_precomputed(recipe, module.model)
     counts = [sum(p.numel() for p in module.parameters() if p.requires_grad is on) for on in (True, False)]

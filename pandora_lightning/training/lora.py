@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
+
+import torch
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
@@ -94,7 +97,9 @@ def adapter_names(module: nn.Module) -> list[str]:
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, list[str]]:
-    """Inject adapter `cfg.name` into every component with rank > 0; returns the layers adapted per component."""
+    """Inject adapter `cfg.name` into every component with rank > 0; returns the layers adapted per component.
+    Over weights on the meta device (a lazily built component) the adapters get the values they get over
+    loaded weights (see `cpu_stand_ins`)."""
     adapted = {}
     for component, part in cfg.components().items():
         module = lora_base(model, component)
@@ -103,7 +108,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, list[str]]:
         if cfg.name in adapter_names(module):
             raise PandoraError(f"the {component} already holds an adapter named '{cfg.name}'; give the new one another name")
         peft_cfg = PeftLoraConfig(r=part.rank, lora_alpha=part.alpha, lora_dropout=part.dropout, target_modules=targets)
-        inject(peft_cfg, module, cfg.name)
+        with cpu_stand_ins(module, adapted[component]):
+            inject(peft_cfg, module, cfg.name)
     return adapted
 
 
@@ -112,6 +118,27 @@ def inject(peft_cfg: PeftLoraConfig, module: nn.Module, name: str) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(peft_cfg, module, adapter_name=name)
+
+
+@contextmanager
+def cpu_stand_ins(module: nn.Module, names: list[str]):
+    """peft puts a new adapter on its base layer's device: over a base weight on the meta device (a lazily
+    built component) the adapter's initial values would be lost. While active, each such weight of the
+    layers `names` is replaced by a CPU stand-in of its shape and dtype holding one element (a zero-stride
+    view), so the adapters are made and kept on the CPU exactly as over a loaded weight; then put back."""
+    swapped = []
+    for name in names:
+        layer = module.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.is_meta:
+            layer.weight = nn.Parameter(torch.zeros((), dtype=weight.dtype).expand(weight.shape), weight.requires_grad)
+            swapped.append((layer, weight))
+    try:
+        yield
+    finally:
+        for layer, weight in swapped:
+            layer.weight = weight
 
 
 def tuner_layers(module: nn.Module) -> list[tuple[str, BaseTunerLayer]]:

@@ -122,6 +122,21 @@ def write_state_file(path: str | Path, state: dict[str, torch.Tensor], hyper_par
     return path
 
 
+def model_file_header(path: Path) -> dict:
+    """A model file's recipe and fingerprints, its tensors left unread: {"hyper_parameters", "fingerprints"}."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # a damaged header or truncated file
+        raise PandoraError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
+    if meta.get("format") != MODEL_FILE_FORMAT:
+        raise PandoraError(
+            f"checkpoint '{path}' is a safetensors file but not a pandora-lightning model file "
+            f"(format '{meta.get('format')}', expected '{MODEL_FILE_FORMAT}')"
+        )
+    return {"hyper_parameters": json.loads(meta["hyper_parameters"]), "fingerprints": json.loads(meta.get("fingerprints", "{}"))}
+
+
 def read_model_file(path: Path) -> dict:
     """A model file as a checkpoint dict: {"state_dict": {"model.<name>": tensor}, "hyper_parameters", "fingerprints"}."""
     try:

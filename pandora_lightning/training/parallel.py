@@ -63,6 +63,10 @@ class ParallelConfig:
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     # ddp: tolerate parameters without a gradient in a step (the tiny recipes have some).
     find_unused_parameters: bool = True
+    # fsdp2: build the pretrained components on the meta device and let each rank read only its
+    # shard of every weight from the folders' safetensors after sharding (see training/materialize.py);
+    # false: every rank builds the whole model on the CPU first, as ddp does.
+    meta_init: bool = True
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -76,6 +80,11 @@ class ParallelConfig:
             raise ValueError(f"parallel.accumulate_grad_batches={self.accumulate_grad_batches} must be >= 1")
         if self.strategy != "fsdp2" and (self.cpu_offload or self.param_dtype != "auto"):
             raise ValueError("parallel.cpu_offload and parallel.param_dtype are fsdp2 settings; set parallel.strategy=fsdp2")
+
+    @property
+    def lazy(self) -> bool:
+        """Whether a stage is built with its pretrained weights on the meta device, read per rank later."""
+        return self.strategy == "fsdp2" and self.meta_init
 
     def gather_dtype(self, precision: str) -> torch.dtype | None:
         if self.param_dtype != "auto":
@@ -211,14 +220,23 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def configure(stage, cfg: ParallelConfig, precision: str) -> None:
-    """The stage's `configure_model`: checkpointing, compile, then sharding, in torchtitan's order."""
+    """The stage's `configure_model`: checkpointing, compile, then sharding, in torchtitan's order; a
+    lazily built stage (parallel.meta_init) goes to the meta device first and reads its shards last."""
     model = stage.model
+    lazy = getattr(stage, "lazy_weights", None) if cfg.strategy == "fsdp2" else None
+    if lazy is not None:
+        lazy.take_snapshot(model)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, list(cfg.activation_checkpointing))
     if cfg.compile:
         apply_compile(model)
     if cfg.strategy == "fsdp2":
-        apply_fsdp2(model, stage.device_mesh["data_parallel"], cfg, precision)
+        mesh = stage.device_mesh["data_parallel"]
+        apply_fsdp2(model, mesh, cfg, precision)
+        if lazy is not None:
+            from pandora_lightning.training.materialize import init_device
+
+            lazy.materialize(model, init_device(mesh, cfg.cpu_offload))
 
 
 # --- the Lightning strategy --------------------------------------------------------------------

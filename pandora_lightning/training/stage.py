@@ -20,6 +20,7 @@ from pandora_lightning.training.precision import compute_dtype, reconcile_dtypes
 from pandora_lightning.training.parallel import configure as configure_parallel
 from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
 from pandora_lightning.training.lora import add_lora
+from pandora_lightning.training.materialize import LazyWeights
 from pandora_lightning.training.trainable import frozen_children, set_trainable, trainable_table
 
 
@@ -32,10 +33,12 @@ class WorldModelStage(L.LightningModule):
     stage: ClassVar[str]
     text_kind: ClassVar[str]  # "caption" or "action"
 
-    def __init__(self, recipe: dict, vocabulary: list[str], meta: bool = False):
+    def __init__(self, recipe: dict, vocabulary: list[str], meta: bool = False, lazy: bool = False):
         """`recipe`: a training recipe as plain containers; `vocabulary`: the tiny tokenizers' words
         (see `training.vocabulary`). Both are saved in every checkpoint. `meta`: every component
-        from its config alone on the meta device (to count and plan; config-only folders do)."""
+        from its config alone on the meta device (to count and plan; config-only folders do).
+        `lazy`: pretrained weights on the meta device, read per rank after sharding (fsdp2's
+        `parallel.meta_init`; see `training.materialize`), held in `lazy_weights`."""
         super().__init__()
         self.recipe: TrainingRecipe = training_recipe_from_dict(recipe)
         self.save_hyperparameters(
@@ -43,7 +46,8 @@ class WorldModelStage(L.LightningModule):
         )
         precision = self.recipe.trainer.precision
         self.model = WorldModel(self.recipe.model, vocabulary, dtype=compute_dtype(precision), meta=meta,
-                                precomputed=self.recipe.data.precomputed)
+                                precomputed=self.recipe.data.precomputed, lazy=lazy)
+        self.lazy_weights = LazyWeights(self.model) if lazy else None
         refuse_trained_encoders(self.model, list(self.recipe.trainable))
         self.lora_layers = add_lora(self.model, self.recipe.lora)
         self.trainable_names = set_trainable(self.model, list(self.recipe.trainable))
@@ -54,14 +58,15 @@ class WorldModelStage(L.LightningModule):
         self.strict_loading = False
 
     @classmethod
-    def from_recipe(cls, recipe: TrainingRecipe, vocabulary: list[str] | None = None, meta: bool = False) -> WorldModelStage:
+    def from_recipe(cls, recipe: TrainingRecipe, vocabulary: list[str] | None = None, meta: bool = False,
+                    lazy: bool = False) -> WorldModelStage:
         """`vocabulary` None: the recipe's vocabulary file, or its training texts' words (`fit` also
         takes it from the checkpoint a run resumes or starts from)."""
         if vocabulary is None:
             from pandora_lightning.training.vocabulary import resolve_vocabulary
 
             vocabulary = resolve_vocabulary(recipe, from_checkpoints=False)
-        return cls(to_dict(recipe), vocabulary, meta)
+        return cls(to_dict(recipe), vocabulary, meta, lazy)
 
     def train(self, mode: bool = True):
         # Lightning puts the whole module in train mode each epoch; frozen parts stay in eval.
@@ -181,8 +186,8 @@ class AdaptStage(WorldModelStage):
     stage = "adapt"
     text_kind = "action"
 
-    def __init__(self, recipe: dict, vocabulary: list[str], meta: bool = False):
-        super().__init__(recipe, vocabulary, meta)
+    def __init__(self, recipe: dict, vocabulary: list[str], meta: bool = False, lazy: bool = False):
+        super().__init__(recipe, vocabulary, meta, lazy)
         name = self.recipe.lora.name
         other = [n for n in self.trainable_names if f".lora_A.{name}." not in n and f".lora_B.{name}." not in n]
         if other:

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.loading import has_weights, local_dir
+from pandora_lightning.models.loading import empty_parameters, has_weights, local_dir
 
-INITS = ("weights", "random", "meta")  # load the stored weights | random init from the configs | shapes only
+# load the stored weights | random init from the configs | shapes only | parameters on meta, read later per rank
+INITS = ("weights", "random", "meta", "lazy")
 
 
 def read_model_index(folder: Path) -> dict:
@@ -41,14 +42,15 @@ def load_part(folder: Path, sub: str, classes: dict[str, type], init: str = "wei
     if name not in classes:
         raise PandoraError(f"generator {sub}: '{path}' holds a {name}; this family takes {' or '.join(sorted(classes))}")
     cls = classes[name]
-    if init == "weights" and not has_weights(path):
+    if init in ("weights", "lazy") and not has_weights(path):
         raise PandoraError(
             f"generator {sub}: '{path}' holds a config but no weights (*.safetensors / *.bin); download the weights, "
             f"or set model.weights=random to build it with random weights (for planning and benchmarks)"
         )
     if init == "weights":
         return cls.from_pretrained(path, **({"torch_dtype": dtype} if dtype else {}))
-    with torch.device("meta" if init == "meta" else "cpu"):
+    context = empty_parameters() if init == "lazy" else torch.device("meta" if init == "meta" else "cpu")
+    with context:
         if hasattr(cls, "load_config"):  # diffusers
             model = cls.from_config(cls.load_config(path))
         else:
