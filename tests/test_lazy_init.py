@@ -58,6 +58,28 @@ def test_lazy_build_equals_the_full_build(fp16_instruct, precision, start):
     assert all(torch.equal(ba[k], bb[k]) for k in ba)
 
 
+def test_tied_weights_stay_tied(fp16_instruct, tmp_path):
+    """A Llama whose lm_head is its embedding (the folder stores it once): tied in the lazy build as in the full one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pandora_lightning.models.tokenizer import build_word_tokenizer
+
+    _, folders = fp16_instruct
+    tokenizer = build_word_tokenizer(VOCABULARY)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                     ).to(torch.float16).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    stages = [build({**folders, "llm": tmp_path / "llm"}, lazy) for lazy in (False, True)]
+    stages[1].lazy_weights.take_snapshot(stages[1].model)
+    stages[1].lazy_weights.materialize(stages[1].model, torch.device("cpu"))
+    a, b = (s.model.state_dict() for s in stages)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for stage in stages:
+        llm = stage.model.llm.model
+        assert llm.lm_head.weight is llm.model.embed_tokens.weight
+
+
 def _rewrite(folder, change) -> None:
     """The folder's model.safetensors with `change(tensors)` applied."""
     path = folder / "model.safetensors"

@@ -11,7 +11,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.history import RoundCache, history_mask, merge, split_rounds
-from pandora_lightning.models.loading import LoadOptions, check_weights, empty_parameters, load_tokenizer, local_dir, read_config
+from pandora_lightning.models.loading import LoadOptions, build_empty, check_weights, load_tokenizer, local_dir, read_config
 from pandora_lightning.models.tokenizer import build_word_tokenizer
 
 
@@ -58,8 +58,8 @@ def _from_dir(path: str, load: LoadOptions) -> tuple[nn.Module, object]:
     if check_weights(folder, "llm", load) and not load.lazy:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=load.dtype), tokenizer
     if load.read_weights:  # lazy: the weights are read later, each rank its own shard
-        with empty_parameters():
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=load.dtype), tokenizer
+        config = AutoConfig.from_pretrained(folder)
+        return build_empty(lambda: AutoModelForCausalLM.from_config(config, dtype=load.dtype)), tokenizer
     with load.device():
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=load.dtype), tokenizer
 

@@ -50,16 +50,19 @@ class LoadOptions:
         return torch.device("meta") if self.meta else contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def empty_parameters():
-    """Context in which a pretrained component is built for lazy loading: parameters on the meta
-    device (no memory), buffers computed on the CPU as its constructor computes them. The random
-    draws of its initialisation are undone: loading from a folder draws none, and what is built
-    after it must draw the same numbers as in a build that loads it."""
+def build_empty(build):
+    """`build()` as a pretrained component is built for lazy loading: parameters on the meta device
+    (no memory), buffers computed on the CPU as its constructor computes them. The random draws of
+    its initialisation are undone: loading from a folder draws none, and what is built after it must
+    draw the same numbers as in a build that loads it. Shared (tied) weights are tied again, as
+    building with empty weights makes each parameter anew."""
     from accelerate import init_empty_weights
 
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        yield
+        model = build()
+    if callable(getattr(model, "tie_weights", None)):  # transformers models (lm_head = embed_tokens, ...)
+        model.tie_weights()
+    return model
 
 
 def local_dir(path: str, what: str, must_contain: str = "config.json") -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.loading import LoadOptions, check_weights, empty_parameters, load_tokenizer, local_dir, read_config
+from pandora_lightning.models.loading import LoadOptions, build_empty, check_weights, load_tokenizer, local_dir, read_config
 from pandora_lightning.models.tokenizer import build_word_tokenizer
 
 
@@ -55,8 +55,8 @@ class TextEncoder(nn.Module):
             self.tokenizer = load_tokenizer(folder, "text_encoder", load)
             if check_weights(folder, "text_encoder", load):
                 if load.lazy:  # the weights are read later, each rank its own shard
-                    with empty_parameters():
-                        self.model = CLIPTextModel._from_config(CLIPTextConfig.from_pretrained(folder), dtype=load.dtype)
+                    config = CLIPTextConfig.from_pretrained(folder)
+                    self.model = build_empty(lambda: CLIPTextModel._from_config(config, dtype=load.dtype))
                 else:
                     self.model = CLIPTextModel.from_pretrained(folder, dtype=load.dtype)
                 self.pretrained["model"] = cfg.pretrained

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.loading import LoadOptions, check_weights, empty_parameters, local_dir, read_config
+from pandora_lightning.models.loading import LoadOptions, build_empty, check_weights, local_dir, read_config
 
 _TOWERS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json stores them
@@ -115,8 +115,8 @@ def _tower_from_dir(cfg: VisionEncoderConfig, load: LoadOptions) -> tuple[nn.Mod
     if check_weights(folder, "vision", load) and not load.lazy:
         return model_cls.from_pretrained(folder, dtype=load.dtype), family, True
     if load.read_weights:  # lazy: the weights are read later, each rank its own shard
-        with empty_parameters():
-            return model_cls._from_config(config_cls.from_pretrained(folder), dtype=load.dtype), family, True
+        config = config_cls.from_pretrained(folder)
+        return build_empty(lambda: model_cls._from_config(config, dtype=load.dtype)), family, True
     with load.device():
         return model_cls(config_cls.from_pretrained(folder)), family, False
 

@@ -122,8 +122,13 @@ class LazyWeights:
         """Allocate this rank's shards on `device` and fill each from its source; returns elements filled per source."""
         model.to_empty(device=device)
         filled = {SNAPSHOT: 0, FOLDER: 0, INIT_FROM: 0}
+        for alias, name in self.aliases.items():  # to_empty makes each module's parameters anew: tie them again
+            param = model.get_parameter(name)
+            if not _is_dtensor(param) and model.get_parameter(alias) is not param:
+                owner, _, leaf = alias.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, param)
         tensors = named_tensors(model)
-        for alias, name in self.aliases.items():  # to_empty may untie shared parameters: fill each copy
+        for alias in self.aliases:  # sharded ones: FSDP2 ties its gathered copies in forward; fill both shards alike
             tensors.setdefault(alias, model.get_parameter(alias))
         for name, tensor in tensors.items():
             entry = self.plan[self.aliases.get(name, name)]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pandora_lightning.errors import PandoraError
-from pandora_lightning.models.loading import empty_parameters, has_weights, local_dir
+from pandora_lightning.models.loading import build_empty, has_weights, local_dir
 
 # load the stored weights | random init from the configs | shapes only | parameters on meta, read later per rank
 INITS = ("weights", "random", "meta", "lazy")
@@ -49,12 +49,17 @@ def load_part(folder: Path, sub: str, classes: dict[str, type], init: str = "wei
         )
     if init == "weights":
         return cls.from_pretrained(path, **({"torch_dtype": dtype} if dtype else {}))
-    context = empty_parameters() if init == "lazy" else torch.device("meta" if init == "meta" else "cpu")
-    with context:
+
+    def build():
         if hasattr(cls, "load_config"):  # diffusers
-            model = cls.from_config(cls.load_config(path))
-        else:
-            model = cls._from_config(cls.config_class.from_pretrained(path))
+            return cls.from_config(cls.load_config(path))
+        return cls._from_config(cls.config_class.from_pretrained(path))
+
+    if init == "lazy":
+        model = build_empty(build)
+    else:
+        with torch.device("meta" if init == "meta" else "cpu"):
+            model = build()
     return model.to(dtype) if dtype and init != "meta" else model
 
 
