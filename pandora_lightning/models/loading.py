@@ -50,16 +50,23 @@ class LoadOptions:
         return torch.device("meta") if self.meta else contextlib.nullcontext()
 
 
-def build_empty(build):
+def build_empty(build, undo_draws: bool = True, default_dtype: torch.dtype | None = None):
     """`build()` as a pretrained component is built for lazy loading: parameters on the meta device
-    (no memory), buffers computed on the CPU as its constructor computes them. The random draws of
-    its initialisation are undone: loading from a folder draws none, and what is built after it must
-    draw the same numbers as in a build that loads it. Shared (tied) weights are tied again, as
-    building with empty weights makes each parameter anew."""
+    (no memory), buffers computed on the CPU as its constructor computes them. What is built after it
+    must draw the same random numbers as in a build that loads it, so its random draws are those its
+    library's from_pretrained makes: none for transformers (`undo_draws`: undone), the constructor's
+    own for diffusers (which builds under the same empty-weights context, in `default_dtype`).
+    Shared (tied) weights are tied again, as building with empty weights makes each parameter anew."""
     from accelerate import init_empty_weights
 
-    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        model = build()
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[], enabled=undo_draws), init_empty_weights(include_buffers=False):
+        if default_dtype is not None:
+            torch.set_default_dtype(default_dtype)
+        try:
+            model = build()
+        finally:
+            torch.set_default_dtype(previous)
     if callable(getattr(model, "tie_weights", None)):  # transformers models (lm_head = embed_tokens, ...)
         model.tie_weights()
     return model

@@ -55,12 +55,20 @@ def load_part(folder: Path, sub: str, classes: dict[str, type], init: str = "wei
             return cls.from_config(cls.load_config(path))
         return cls._from_config(cls.config_class.from_pretrained(path))
 
-    if init == "lazy":
-        model = build_empty(build)
-    else:
+    if init != "lazy":
         with torch.device("meta" if init == "meta" else "cpu"):
             model = build()
-    return model.to(dtype) if dtype and init != "meta" else model
+        return model.to(dtype) if dtype and init != "meta" else model
+    # lazy: as from_pretrained builds it (see build_empty), in the dtypes it loads
+    diffusers = hasattr(cls, "load_config")
+    model = build_empty(build, undo_draws=not diffusers, default_dtype=dtype if diffusers else None)
+    if dtype:
+        model.to(dtype)
+    keep = getattr(cls, "_keep_in_fp32_modules", None) if diffusers and dtype in (torch.float16, torch.bfloat16) else None
+    for name, param in model.named_parameters() if keep else ():  # diffusers loads these in float32
+        if any(part in name.split(".") for part in keep):
+            param.data = param.data.float()
+    return model
 
 
 def freeze(module: nn.Module | None) -> nn.Module | None:
