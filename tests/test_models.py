@@ -81,6 +81,39 @@ def test_pixel_space_encode_decode_is_exact():
     torch.testing.assert_close(gen.decode(latents), frames)
 
 
+def test_timestep_power_draws_more_of_the_high_noise_levels():
+    frames = torch.rand(512, 6, 3, 32, 32) * 2 - 1
+    drawn = {}
+    for power in (1.0, 2.0):
+        gen = build_generator(GeneratorConfig(timestep_power=power))
+        seen = []
+        gen.denoise = lambda noisy, t, cond, context: seen.append(t) or torch.zeros_like(noisy)
+        torch.manual_seed(0)
+        gen(frames, torch.randn(512, 8, 64))
+        drawn[power] = seen[0].float()
+    assert 0 <= drawn[2.0].min() and drawn[2.0].max() < 1000
+    # uniform: mean ~500; linear ramp towards T: mean ~2/3 T
+    assert abs(drawn[1.0].mean() - 500) < 40 and abs(drawn[2.0].mean() - 667) < 40
+
+
+def test_cond_noise_corrupts_only_the_given_frames_in_training():
+    gen = build_generator(GeneratorConfig(cond_noise=0.5, prediction_type="sample"))
+    frames = torch.rand(4, 6, 3, 32, 32) * 2 - 1
+    conds = []
+    gen.denoise = lambda noisy, t, cond, context: conds.append(cond) or torch.zeros_like(noisy)
+    clean = gen.condition(gen.encode(frames))
+    gen.eval()
+    _, target_eval = gen(frames, torch.randn(4, 8, 64))
+    torch.testing.assert_close(conds[-1], clean)  # no corruption at evaluation
+    gen.train()
+    _, target = gen(frames, torch.randn(4, 8, 64))
+    assert not torch.allclose(conds[-1], clean)
+    # the target is the clean clip relative to the corrupted last given frame: target + anchor = clean frames
+    anchor = conds[-1][:, -1:, :-1]
+    torch.testing.assert_close(target + anchor, gen.encode(frames)[:, 2:])
+    torch.testing.assert_close(target_eval + clean[:, -1:, :-1], gen.encode(frames)[:, 2:])
+
+
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):
     with pytest.raises(PandoraError, match="not a local directory.*no hub access"):
         LLMBackbone(LLMConfig(pretrained="meta-llama/Llama-2-7b-chat-hf"))

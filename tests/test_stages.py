@@ -110,3 +110,19 @@ def test_distillation_pulls_the_adapter_towards_the_text_encoder():
         teacher = module.model.teacher_context(batch["text"])
     assert not any(p.requires_grad for p in module.model.text_encoder.parameters()), "the tiny teacher stays frozen"
     assert teacher.shape == (4, recipe.model.output_adapter.num_queries, module.model.generator.context_dim)
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
+    from pandora_lightning.training.recipe import OptimConfig
+    from pandora_lightning.training.stage import lr_factor
+
+    cosine = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(cosine, 110, step) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.55)  # half way through the decay: the mean of 1 and the floor
+    assert factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    constant = OptimConfig(lr=1.0, warmup_steps=10)
+    assert [lr_factor(constant, 110, s) for s in (4, 50, 110)] == [0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="optim.schedule='linear' must be 'constant' or 'cosine'"):
+        OptimConfig(schedule="linear")

@@ -95,7 +95,7 @@ class MetricSuite:
 
     def update(self, videos: torch.Tensor, truth: Sequence[np.ndarray], episodes: Sequence[dict]) -> None:
         """videos (B, T, 3, H, W) in [-1, 1]; truth: ground-truth frames per episode (T_i, H, W, 3) uint8."""
-        videos = videos.detach()
+        videos = videos.detach().cpu()  # the metrics' states live on the CPU, whatever device generated the videos
         domains = [ep.get("domain", "") for ep in episodes]
         t = videos.shape[1]
         m = self.metrics

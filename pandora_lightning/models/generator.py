@@ -67,6 +67,13 @@ class GeneratorConfig:
     # to draw what moves.
     residual: bool = True
     beta_schedule: str = "squaredcos_cap_v2"
+    # Training noise levels t = T * u ** (1 / timestep_power), u uniform: 1 is uniform, 2 a linear ramp
+    # towards pure noise, where the clip has to come from the condition and the text.
+    timestep_power: float = 1.0
+    # Training only: the given frames get Gaussian noise of a std drawn per clip in [0, cond_noise]
+    # while the target stays the clean clip, so the generator learns to repair the small errors its
+    # own earlier rounds leave in the frames a rollout gives it (0: off).
+    cond_noise: float = 0.0
     added_time_ids: list[float] = field(default_factory=lambda: [7.0, 127.0, 0.02])
 
     def __post_init__(self):

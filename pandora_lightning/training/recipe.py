@@ -62,6 +62,15 @@ class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    # After the warmup: "constant", or "cosine" down to min_lr_ratio * lr at trainer.max_steps.
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
 
 LOSS_CONTEXTS = ("adapter", "teacher")

@@ -2,7 +2,9 @@
 align and instruct stages that differ only in name and in the text that steers the generator."""
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatchcase
+from functools import partial
 from typing import ClassVar
 
 import lightning as L
@@ -159,9 +161,17 @@ class WorldModelStage(L.LightningModule):
         cfg = self.recipe.optim
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = max(1, cfg.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg, self.recipe.trainer.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_factor(cfg, max_steps: int, step: int) -> float:
+    """The learning rate of `step` as a share of optim.lr: a linear warmup, then constant or a cosine decay."""
+    warmup = max(1, cfg.warmup_steps)
+    if step < warmup or cfg.schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class AlignStage(WorldModelStage):

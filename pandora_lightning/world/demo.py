@@ -18,6 +18,7 @@ from pandora_lightning.evaluation.suite import MetricSuite
 from pandora_lightning.recipe import load_recipe, score_callbacks
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.fit import fit
+from pandora_lightning.training.precision import autocast
 from pandora_lightning.world.domains import TRANSFER_DOMAIN, TRANSFER_HELD_OUT
 from pandora_lightning.world.metrics import WORLD_METRICS
 from pandora_lightning.world.shards import ensure_world
@@ -97,7 +98,8 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     for split, per_domain in (QUICK if quick else SCORED).items():
         episodes = load_episodes(manifest, split, per_domain, model.cfg.generator.size)
         suite = MetricSuite(episodes, model.cond_frames, model.new_frames, plugins=[WORLD_METRICS])
-        run_episodes(model, episodes, suite, batch_size=32, media_dir=run_dir / "rollouts", name=split)
+        with autocast(model.precision, "cpu"):  # the training precision, as `score` and `generate` do
+            run_episodes(model, episodes, suite, batch_size=32, media_dir=run_dir / "rollouts", name=split)
         results[split] = split_summary(suite.report())
     timings["rollouts_s"] = round(time.time() - t0, 1)
     summary = {

@@ -110,10 +110,17 @@ class TinyGenerator(UNetDenoiser, nn.Module):
         `encoded` (precomputed inputs) is not used: the tiny generator works on the pixels."""
         n = self.cfg.cond_frames
         latents = self.encode(frames)
-        x0, cond = latents - self.anchor(latents), self.condition(latents)
+        given = latents
+        if self.training and self.cfg.cond_noise > 0:
+            sigma = torch.rand(latents.shape[0], 1, 1, 1, 1, device=latents.device, dtype=latents.dtype) * self.cfg.cond_noise
+            noisy = latents[:, :n] + sigma * torch.randn_like(latents[:, :n])
+            given = torch.cat([noisy, latents[:, n:]], dim=1)
+        x0, cond = latents - self.anchor(given), self.condition(given)
         noise = torch.randn_like(x0) if noise is None else noise
         if timesteps is None:
-            timesteps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            total = self.train_scheduler.config.num_train_timesteps
+            u = torch.rand(x0.shape[0], device=x0.device) ** (1 / self.cfg.timestep_power)
+            timesteps = (u * total).long().clamp(max=total - 1)
         pred = self.denoise(self.train_scheduler.add_noise(x0, noise, timesteps), timesteps, cond, context)
         kind = self.train_scheduler.config.prediction_type
         if kind == "v_prediction":
