@@ -57,7 +57,7 @@ def test_generate_reads_an_actions_file_and_resizes_on_request(align_checkpoint,
 
 def test_fit_with_unknown_key_exits_with_message(capsys):
     assert main(["fit", "recipes/tiny/align.yaml", "optim.learning_rate=1"]) == 2
-    assert "unknown key 'optim.learning_rate' (valid keys here: lr, weight_decay, warmup_steps)" in capsys.readouterr().err
+    assert "unknown key 'optim.learning_rate' (valid keys here: lr, weight_decay, warmup_steps, schedule, min_lr_ratio)" in capsys.readouterr().err
 
 
 def test_iterate_split_limits_each_domain(world_manifest):
