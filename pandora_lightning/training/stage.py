@@ -20,7 +20,7 @@ from pandora_lightning.models.world_model import WorldModel
 from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, fingerprints, saved_keys
 from pandora_lightning.training.precision import compute_dtype, reconcile_dtypes
 from pandora_lightning.training.parallel import configure as configure_parallel
-from pandora_lightning.training.recipe import TrainingRecipe, training_recipe_from_dict
+from pandora_lightning.training.recipe import OptimConfig, TrainingRecipe, training_recipe_from_dict
 from pandora_lightning.training.lora import add_lora
 from pandora_lightning.training.materialize import LazyWeights
 from pandora_lightning.training.trainable import frozen_children, set_trainable, trainable_table
@@ -165,7 +165,7 @@ class WorldModelStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def lr_factor(cfg, max_steps: int, step: int) -> float:
+def lr_factor(cfg: OptimConfig, max_steps: int, step: int) -> float:
     """The learning rate of `step` as a share of optim.lr: a linear warmup, then constant or a cosine decay."""
     warmup = max(1, cfg.warmup_steps)
     if step < warmup or cfg.schedule == "constant":
