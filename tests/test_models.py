@@ -96,6 +96,12 @@ def test_timestep_power_draws_more_of_the_high_noise_levels():
     assert abs(drawn[1.0].mean() - 500) < 40 and abs(drawn[2.0].mean() - 667) < 40
 
 
+@pytest.mark.parametrize("bad", [{"timestep_power": 0.0}, {"cond_noise": -0.1}, {"pretrained": "x", "family": "svd", "cond_noise": 0.1}])
+def test_tiny_noise_options_are_checked(bad):
+    with pytest.raises(PandoraError, match="timestep_power"):
+        GeneratorConfig(**bad)
+
+
 def test_cond_noise_corrupts_only_the_given_frames_in_training():
     gen = build_generator(GeneratorConfig(cond_noise=0.5, prediction_type="sample"))
     frames = torch.rand(4, 6, 3, 32, 32) * 2 - 1

@@ -87,6 +87,11 @@ class GeneratorConfig:
             raise PandoraError(f"generator.guidance_scale={self.guidance_scale} must be >= 1 (1 = no guidance)")
         if not 0 < self.cond_frames < self.frames:
             raise PandoraError(f"generator.cond_frames={self.cond_frames} must be in [1, generator.frames={self.frames})")
+        if self.timestep_power <= 0 or self.cond_noise < 0:
+            raise PandoraError(f"generator.timestep_power={self.timestep_power} must be > 0 and generator.cond_noise={self.cond_noise} >= 0")
+        if self.pretrained is not None and (self.timestep_power != 1.0 or self.cond_noise != 0.0):
+            raise PandoraError("generator.timestep_power and generator.cond_noise are options of the tiny generator; "
+                               "a pretrained family draws its own noise levels: drop them")
         if self.pretrained is None:
             if any(c % 32 for c in self.block_out_channels):
                 raise PandoraError(
