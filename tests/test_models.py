@@ -81,6 +81,33 @@ def test_pixel_space_encode_decode_is_exact():
     torch.testing.assert_close(gen.decode(latents), frames)
 
 
+def test_2d_unet_generates_each_frame_from_its_own_channels():
+    gen = build_generator(GeneratorConfig(unet="2d", num_inference_steps=2)).eval()
+    assert type(gen.unet).__name__ == "UNet2DConditionModel" and gen.unet.config.in_channels == 6 * 25
+    given = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    clip = gen.sample(given, torch.randn(2, 8, 64))
+    assert clip.shape == (2, 6, 3, 32, 32)
+    torch.testing.assert_close(clip[:, :2], given)
+    # The UNet's output channels are frame-major: silencing all but frame 4's 12 output channels
+    # leaves the prediction non-zero at frame 4 only.
+    with torch.no_grad():
+        keep = torch.zeros(6 * 12, dtype=torch.bool)
+        keep[4 * 12 : 5 * 12] = True
+        gen.unet.conv_out.weight[~keep] = 0
+        gen.unet.conv_out.bias[~keep] = 0
+        noisy = torch.randn(2, 6, 12, 16, 16)
+        out = gen.denoise(noisy, torch.tensor([500, 500]), gen.condition(gen.encode(clip)), torch.randn(2, 8, 64))
+    assert out.shape == noisy.shape
+    assert out[:, 4].abs().sum() > 0 and out[:, [0, 1, 2, 3, 5]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("bad, match", [({"unet": "3d"}, "'spatiotemporal' or '2d'"),
+                                        ({"unet": "2d", "pretrained": "x", "family": "svd"}, "option of the tiny generator")])
+def test_tiny_unet_option_is_checked(bad, match):
+    with pytest.raises(PandoraError, match=match):
+        GeneratorConfig(**bad)
+
+
 def test_timestep_power_draws_more_of_the_high_noise_levels():
     frames = torch.rand(512, 6, 3, 32, 32) * 2 - 1
     drawn = {}

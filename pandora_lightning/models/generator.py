@@ -56,6 +56,9 @@ class GeneratorConfig:
     noise_aug_strength: float = 0.02
     min_guidance_scale: float = 1.0
     # --- tiny only: pixel space, frames pixel-unshuffled into patch_size**2 * 3 channels.
+    # "spatiotemporal": SVD's UNet, run on every frame; "2d": one image UNet over the clip's frames
+    # stacked as channels (3x cheaper a step at twice the width; the demo's, see models/generators/tiny.py).
+    unet: str = "spatiotemporal"
     patch_size: int = 2
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
@@ -92,11 +95,15 @@ class GeneratorConfig:
         if self.pretrained is not None and (self.timestep_power != 1.0 or self.cond_noise != 0.0):
             raise PandoraError("generator.timestep_power and generator.cond_noise are options of the tiny generator; "
                                "a pretrained family draws its own noise levels: drop them")
+        if self.unet not in ("spatiotemporal", "2d"):
+            raise PandoraError(f"generator.unet={self.unet!r} must be 'spatiotemporal' or '2d' (the tiny generator's UNet)")
+        if self.pretrained is not None and self.unet != "spatiotemporal":
+            raise PandoraError("generator.unet is an option of the tiny generator; a pretrained family brings its own backbone: drop it")
         if self.pretrained is None:
             if any(c % 32 for c in self.block_out_channels):
                 raise PandoraError(
-                    f"generator.block_out_channels={list(self.block_out_channels)}: the spatio-temporal UNet "
-                    f"uses GroupNorm(32), so every width must be a multiple of 32"
+                    f"generator.block_out_channels={list(self.block_out_channels)}: the tiny UNets "
+                    f"use GroupNorm(32), so every width must be a multiple of 32"
                 )
             check_size(self.size, self.patch_size * 2 ** (len(self.block_out_channels) - 1), "patch_size x 2^(levels-1)")
 
