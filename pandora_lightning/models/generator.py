@@ -58,6 +58,7 @@ class GeneratorConfig:
     # --- tiny only: pixel space, frames pixel-unshuffled into patch_size**2 * 3 channels.
     # "spatiotemporal": SVD's UNet, run on every frame; "2d": one image UNet over the clip's frames
     # stacked as channels (3x cheaper a step at twice the width; the demo's, see models/generators/tiny.py).
+    # Like the other tiny shape keys below, a pretrained family (which brings its own backbone) ignores it.
     unet: str = "spatiotemporal"
     patch_size: int = 2
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -97,8 +98,6 @@ class GeneratorConfig:
                                "a pretrained family draws its own noise levels: drop them")
         if self.unet not in ("spatiotemporal", "2d"):
             raise PandoraError(f"generator.unet={self.unet!r} must be 'spatiotemporal' or '2d' (the tiny generator's UNet)")
-        if self.pretrained is not None and self.unet != "spatiotemporal":
-            raise PandoraError("generator.unet is an option of the tiny generator; a pretrained family brings its own backbone: drop it")
         if self.pretrained is None:
             if any(c % 32 for c in self.block_out_channels):
                 raise PandoraError(

@@ -39,6 +39,7 @@ BLOCKS = frozenset({
     "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal", "CrossAttnDownBlock3D", "DownBlock3D",
     "UNetMidBlock3DCrossAttn", "CrossAttnUpBlock3D", "UpBlock3D", "DownEncoderBlock2D", "UpDecoderBlock2D",
     "UNetMidBlock2D", "MidBlockTemporalDecoder", "UpBlockTemporalDecoder", "WanTransformerBlock",
+    "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D",
 })
 
 
