@@ -119,3 +119,12 @@ def test_demo_summary_and_spread_over_seeds():
     spread = seed_spread(runs)["val"]
     assert spread["action_following"]["values"] == [1.0, 0.0] and spread["action_following"]["mean"] == 0.5
     assert spread["action_following_lenient"]["min"] > 0.5
+
+
+def test_demo_summary_prints_history_rounds_as_figures(capsys):
+    from pandora_lightning.world.demo import print_summary
+
+    history = {"history": 0.153, "again": 0.0555555555, "undo": None, "plain": 0.332}
+    print_summary({"splits": {"val": {"history": history}}, "seed": 0, "steps": {}, "wall_seconds": {}, "rollouts": "x"})
+    line = next(l for l in capsys.readouterr().out.splitlines() if "again" in l)
+    assert line.strip() == "rounds said as 'again'/'go back', strict: 0.153 (again 0.056, undo n/a); other rounds 0.332"

@@ -175,8 +175,9 @@ def print_summary(summary: dict) -> None:
             print("  " + "; ".join(extra))
         if "history" in res:
             h = res["history"]
-            print(f"  rounds said as 'again'/'go back', strict: {h['history']:.3f} (again {h.get('again')}, undo "
-                  f"{h.get('undo')}); other rounds {h['plain']:.3f}")
+            said = {k: "n/a" if h.get(k) is None else f"{h[k]:.3f}" for k in ("again", "undo")}
+            print(f"  rounds said as 'again'/'go back', strict: {h['history']:.3f} (again {said['again']}, undo "
+                  f"{said['undo']}); other rounds {h['plain']:.3f}")
     print(f"seed {summary['seed']}, steps: {summary['steps']}")
     print(f"wall seconds: {summary['wall_seconds']}")
     print(f"videos and contact sheets: {summary['rollouts']}")
