@@ -226,7 +226,7 @@ def _bench(args) -> None:
     from pandora_lightning.bench.train import run_bench
 
     run_bench(args.recipe, args.steps, Path(args.out),
-              parts=(args.only,) if args.only else ("train", "data", "precompute", "startup"))
+              parts=(args.only,) if args.only else ("train", "data", "precompute", "startup", "unet"))
 
 
 def _score(args) -> None:
@@ -402,10 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/tiny/instruct.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--only", choices=["train", "data", "session", "precompute", "startup"],
+    p.add_argument("--only", choices=["train", "data", "session", "precompute", "startup", "unet"],
                    help="only the training-step or only the data-path figures; session: per-round cost with and without the "
                         "cache; precompute: a step from precomputed inputs vs from frames; startup: host memory per rank of "
-                        "an fsdp2 start-up, whole model per rank vs own shards (parallel.meta_init)")
+                        "an fsdp2 start-up, whole model per rank vs own shards (parallel.meta_init); unet: a training step of the "
+                        "tiny generator's 2d UNet vs the spatio-temporal one")
     p.add_argument("--checkpoint", help="--only session: a checkpoint to time (default: a tiny random model with history)")
     p.add_argument("--rounds", type=int, default=16, help="--only session: rounds per session")
     p.add_argument("--repeats", type=int, default=3, help="--only session: sessions per figure (per-round medians)")

@@ -247,3 +247,15 @@ def test_generator_folder_of_another_family_is_refused(tmp_path):
     folder = svd(tmp_path / "svd")
     with pytest.raises(PandoraError, match="generator.family=wan but .* holds a svd model; set generator.family=svd or null"):
         build_generator(GeneratorConfig(family="wan", pretrained=str(folder)))
+
+
+def test_unet_bench_times_the_recipe_unet_against_the_spatiotemporal_ones():
+    from pandora_lightning.bench.unet import run_unet_bench
+
+    out = run_unet_bench(str(ROOT / "recipes/tiny/instruct.yaml"), steps=1)
+    assert list(out["steps"]) == ["2d [64, 128] (recipe)", "spatiotemporal [64, 128]", "spatiotemporal [32, 64]"]
+    for name, cfg in [("2d [64, 128] (recipe)", {"unet": "2d", "block_out_channels": [64, 128]}),
+                      ("spatiotemporal [32, 64]", {"block_out_channels": [32, 64]})]:
+        built = build_generator(GeneratorConfig(prediction_type="sample", **cfg))
+        assert out["steps"][name]["parameters"] == sum(p.numel() for p in built.parameters())
+    assert all(row["seconds"] > 0 for row in out["steps"].values())

@@ -83,6 +83,10 @@ def run_bench(recipe_path: str, steps: int, out: Path, repeats: int = 2, parts: 
         from pandora_lightning.bench.startup import run_startup_bench
 
         result["startup"] = run_startup_bench()
+    if "unet" in parts:
+        from pandora_lightning.bench.unet import run_unet_bench
+
+        result["unet"] = run_unet_bench(recipe_path)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
