@@ -27,38 +27,33 @@ LORA_ATTENTION_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_ou
 
 def _tiny_unet(cfg, channels: int) -> nn.Module:
     levels = len(cfg.block_out_channels)
+    heads = tuple(max(1, c // cfg.attention_head_dim) for c in cfg.block_out_channels)
+    shared = dict(sample_size=[s // cfg.patch_size for s in cfg.size], block_out_channels=tuple(cfg.block_out_channels),
+                  layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim)
     if cfg.unet == "2d":  # the clip's frames stacked as channels: (T * (2C + 1)) in, (T * C) out
         return UNet2DConditionModel(
-            sample_size=[s // cfg.patch_size for s in cfg.size],
             in_channels=cfg.frames * (2 * channels + 1),
             out_channels=cfg.frames * channels,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-            block_out_channels=tuple(cfg.block_out_channels),
-            layers_per_block=cfg.layers_per_block,
-            cross_attention_dim=cfg.cross_attention_dim,
-            # diffusers' 2D UNet reads this argument as the number of heads (its own note on the name).
-            attention_head_dim=tuple(max(1, c // cfg.attention_head_dim) for c in cfg.block_out_channels),
+            attention_head_dim=heads,  # diffusers' 2D UNet reads this argument as the number of heads (its own note)
             # The context, attention-pooled, is also added to the time embedding, so the action reaches
             # every ResNet and not only the cross-attention of the coarse levels: without it one seed
             # in three never learned to follow the text (README, "Measured figures", stop 10).
             addition_embed_type="text",
             addition_embed_type_num_heads=max(1, cfg.cross_attention_dim // cfg.attention_head_dim),
+            **shared,
         )
     return UNetSpatioTemporalConditionModel(
-        sample_size=[s // cfg.patch_size for s in cfg.size],
         in_channels=2 * channels + 1,
         out_channels=channels,
         down_block_types=("DownBlockSpatioTemporal",) + ("CrossAttnDownBlockSpatioTemporal",) * (levels - 1),
         up_block_types=("CrossAttnUpBlockSpatioTemporal",) * (levels - 1) + ("UpBlockSpatioTemporal",),
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cfg.cross_attention_dim,
-        num_attention_heads=tuple(max(1, c // cfg.attention_head_dim) for c in cfg.block_out_channels),
+        num_attention_heads=heads,
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * len(cfg.added_time_ids),
+        **shared,
     )
-
 
 
 class TinyGenerator(UNetDenoiser, nn.Module):
