@@ -82,6 +82,7 @@ def test_action_following_scores_history_rounds_against_the_resolved_action():
     metric.update(video, [sample["meta"]])
     out = metric.compute()
     assert out["action_following"] == 1.0 and out["action_following/history"] == 1.0
+    assert metric.report()["action_following_lenient"]["history"] == 1.0
     wrong = dict(sample["meta"], actions=[dict(a) for a in sample["meta"]["actions"]])
     for span in wrong["actions"]:  # as if every reference had been resolved the other way
         if span.get("refers"):
@@ -89,6 +90,8 @@ def test_action_following_scores_history_rounds_against_the_resolved_action():
     metric = ActionFollowing(2, 4)
     metric.update(video, [wrong])
     assert metric.compute()["action_following/history"] == 0.0
+    lenient = metric.report()["action_following_lenient"]
+    assert lenient["history"] == 0.0 and lenient["plain"] == 1.0  # the rounds said plainly still count
 
 
 def test_history_actions_need_a_model_with_history():

@@ -61,9 +61,10 @@ def split_summary(report: dict) -> dict:
                 out[name]["chance_per_domain"] = entry["baseline"]["per_domain"]
     if "psnr" in report:
         out["psnr"] = {"overall": report["psnr"]["overall"], "per_round": report["psnr"]["per_round"]}
-    strict = report.get("action_following", {})
+    strict, lenient = report.get("action_following", {}), report.get("action_following_lenient", {})
     if "history" in strict:  # rounds said as "again" / "go back" (the history world)
         out["history"] = {k: strict[k] for k in ("history", "again", "undo", "plain") if k in strict}
+        out["history_lenient"] = {k: lenient[k] for k in ("history", "again", "undo", "plain") if k in lenient}
     return out
 
 
@@ -173,11 +174,12 @@ def print_summary(summary: dict) -> None:
             extra.append("PSNR by round " + " ".join("n/a" if v is None else f"{v:.1f}" for v in res["psnr"]["per_round"]))
         if extra:
             print("  " + "; ".join(extra))
-        if "history" in res:
-            h = res["history"]
-            said = {k: "n/a" if h.get(k) is None else f"{h[k]:.3f}" for k in ("again", "undo")}
-            print(f"  rounds said as 'again'/'go back', strict: {h['history']:.3f} (again {said['again']}, undo "
-                  f"{said['undo']}); other rounds {h['plain']:.3f}")
+        for key, kind in (("history", "strict"), ("history_lenient", "lenient")):
+            if key in res:
+                h = res[key]
+                said = {k: "n/a" if h.get(k) is None else f"{h[k]:.3f}" for k in ("again", "undo")}
+                print(f"  rounds said as 'again'/'go back', {kind}: {h['history']:.3f} (again {said['again']}, undo "
+                      f"{said['undo']}); other rounds {h['plain']:.3f}")
     print(f"seed {summary['seed']}, steps: {summary['steps']}")
     print(f"wall seconds: {summary['wall_seconds']}")
     print(f"videos and contact sheets: {summary['rollouts']}")

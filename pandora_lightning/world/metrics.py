@@ -128,13 +128,15 @@ class ActionFollowing(_RoundMetric):
     def compute(self) -> dict[str, torch.Tensor]:
         table = self._table()
         share = float(table[:, _C["strict"]].mean()) if len(table) else float("nan")
-        history = {f"action_following/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self._history(table).items()}
+        history = {f"action_following/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self._history(table, "strict").items()}
         return {"action_following": torch.tensor(share, dtype=torch.float64), **history}
 
     @staticmethod
-    def _history(table: np.ndarray) -> dict[str, float]:
-        """Strict shares of rounds said as "again"/"go back" (and of the other rounds); empty without any."""
-        refers, hits = table[:, _C["refers"]], table[:, _C["strict"]]
+    def _history(table: np.ndarray, column: str) -> dict[str, float]:
+        """Shares (``column``: "strict" or "lenient") of rounds said as "again"/"go back" and of the
+        other rounds; empty without any. The lenient one tells a model that forgot the previous action
+        from one that remembered it but drew the round badly."""
+        refers, hits = table[:, _C["refers"]], table[:, _C[column]]
         said = refers > 0
         if not said.any():
             return {}
@@ -167,7 +169,8 @@ class ActionFollowing(_RoundMetric):
             "action_following_lenient": self._entry(table, "lenient", chance, np.ones(len(table), bool)),
         }
         out["action_following"]["confusion"] = self._confusion(table)
-        out["action_following"].update(self._history(table))
+        out["action_following"].update(self._history(table, "strict"))
+        out["action_following_lenient"].update(self._history(table, "lenient"))
         held = table[:, _C["held_out"]] > 0
         if held.any():
             out["action_following_held_out"] = self._entry(table, "strict", chance, held)
