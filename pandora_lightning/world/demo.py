@@ -61,10 +61,11 @@ def split_summary(report: dict) -> dict:
                 out[name]["chance_per_domain"] = entry["baseline"]["per_domain"]
     if "psnr" in report:
         out["psnr"] = {"overall": report["psnr"]["overall"], "per_round": report["psnr"]["per_round"]}
-    strict, lenient = report.get("action_following", {}), report.get("action_following_lenient", {})
-    if "history" in strict:  # rounds said as "again" / "go back" (the history world)
-        out["history"] = {k: strict[k] for k in ("history", "again", "undo", "plain") if k in strict}
-        out["history_lenient"] = {k: lenient[k] for k in ("history", "again", "undo", "plain") if k in lenient}
+    # rounds said as "again" / "go back" (the history world), strict and lenient
+    for key, share in (("history", "action_following"), ("history_lenient", "action_following_lenient")):
+        entry = report.get(share, {})
+        if "history" in entry:
+            out[key] = {k: entry[k] for k in ("history", "again", "undo", "plain") if k in entry}
     return out
 
 
