@@ -126,3 +126,17 @@ def test_multi_round_fit_with_history_trains_and_rolls_out(history_manifest, tmp
     s.step("move left")
     s.step("again")
     assert s.frames.shape[0] == 2 + 2 * 4 and len(s.history) == 2
+
+
+def test_fit_warns_when_the_window_reads_farther_back_than_training(caplog):
+    from pandora_lightning.recipe import load_recipe
+    from pandora_lightning.training.fit import warn_window_beyond_training
+
+    root = Path(__file__).resolve().parents[1]
+    history = root / "recipes/tiny-history/instruct.yaml"
+    assert not warn_window_beyond_training(load_recipe(history))  # the window it trains
+    assert not warn_window_beyond_training(load_recipe(root / "recipes/tiny/instruct.yaml"))  # no history
+    with caplog.at_level("WARNING"):
+        assert warn_window_beyond_training(load_recipe(history, ["model.llm.history_rounds=4"]))
+    assert "data.rounds=3 trains windows of 3" in caplog.text and "set model.llm.history_rounds=3" in caplog.text
+    assert warn_window_beyond_training(load_recipe(history, ["model.llm.history_rounds=0"]))  # every round

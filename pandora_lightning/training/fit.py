@@ -4,6 +4,7 @@ Callbacks from outside training (fit-time scoring) are passed in by the caller, 
 them (see `cli.py`): training itself knows nothing of evaluation."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,8 @@ from pandora_lightning.training.precompute import check_precomputed
 from pandora_lightning.training.sharded import check_resume_form
 from pandora_lightning.training.stage import STAGES, WorldModelStage
 from pandora_lightning.training.vocabulary import needs_vocabulary, resolve_vocabulary, training_texts, warn_unknown_words
+
+log = logging.getLogger(__name__)
 
 
 def train_loader(recipe: TrainingRecipe, text_kind: str) -> ShardLoader:
@@ -111,6 +114,20 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
             lock.release()
 
 
+def warn_window_beyond_training(recipe: TrainingRecipe) -> bool:
+    """Log one warning when a history model's window (llm.history_rounds) reads farther back than the
+    multi-round windows it trains on (data.rounds): from that round on, a session reads distances that
+    training never showed. Returns whether it warned."""
+    window, rounds = recipe.model.llm.history_rounds, recipe.data.rounds
+    if rounds <= 1 or 0 < window <= rounds:
+        return False
+    said = "every earlier round (0)" if window == 0 else f"{window} rounds"
+    log.warning(f"model.llm.history_rounds reads {said}, but data.rounds={rounds} trains windows of {rounds}: from "
+                f"round {rounds + 1} on a session reads farther back than training showed; set "
+                f"model.llm.history_rounds={rounds} (or train data.rounds={window or 'as long as your sessions'})")
+    return True
+
+
 def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, trainer: L.Trainer) -> Path:
     texts = training_texts(recipe) if needs_vocabulary(recipe) else []
     vocabulary = resolve_vocabulary(recipe, texts)
@@ -130,6 +147,8 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
     check_machine(recipe.parallel, recipe.trainer.devices, recipe.trainer.num_nodes, *counts)
     if texts and trainer.is_global_zero:
         warn_unknown_words(vocabulary, texts)
+    if trainer.is_global_zero:
+        warn_window_beyond_training(recipe)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(recipe), run_dir / "recipe.yaml")
