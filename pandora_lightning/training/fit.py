@@ -149,7 +149,6 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
         warn_unknown_words(vocabulary, texts)
     if trainer.is_global_zero:
         warn_window_beyond_training(recipe)
-    if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(recipe), run_dir / "recipe.yaml")
         (run_dir / "trainable.txt").write_text("\n".join(module.trainable_names) + "\n")
