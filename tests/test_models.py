@@ -121,14 +121,16 @@ def test_timestep_power_draws_more_of_the_high_noise_levels():
     assert abs(drawn[1.0].mean() - 500) < 40 and abs(drawn[2.0].mean() - 667) < 40
 
 
-@pytest.mark.parametrize("bad", [{"timestep_power": 0.0}, {"cond_noise": -0.1}, {"pretrained": "x", "family": "svd", "cond_noise": 0.1}])
+@pytest.mark.parametrize("bad", [{"timestep_power": 0.0}, {"cond_noise": -0.1}, {"cond_blur": 1.5}, {"cond_blur": -0.1},
+                                 {"pretrained": "x", "family": "svd", "cond_noise": 0.1}])
 def test_tiny_noise_options_are_checked(bad):
-    with pytest.raises(PandoraError, match="timestep_power"):
+    with pytest.raises(PandoraError, match="timestep_power|cond_blur"):
         GeneratorConfig(**bad)
 
 
-def test_cond_noise_corrupts_only_the_given_frames_in_training():
-    gen = build_generator(GeneratorConfig(cond_noise=0.5, prediction_type="sample"))
+@pytest.mark.parametrize("option", [{"cond_noise": 0.5}, {"cond_blur": 1.0}])
+def test_cond_noise_and_blur_corrupt_only_the_given_frames_in_training(option):
+    gen = build_generator(GeneratorConfig(prediction_type="sample", **option))
     frames = torch.rand(4, 6, 3, 32, 32) * 2 - 1
     conds = []
     gen.denoise = lambda noisy, t, cond, context: conds.append(cond) or torch.zeros_like(noisy)
@@ -143,6 +145,20 @@ def test_cond_noise_corrupts_only_the_given_frames_in_training():
     anchor = conds[-1][:, -1:, :-1]
     torch.testing.assert_close(target + anchor, gen.encode(frames)[:, 2:])
     torch.testing.assert_close(target_eval + clean[:, -1:, :-1], gen.encode(frames)[:, 2:])
+
+
+def test_cond_blur_softens_edges_of_the_given_frames_only():
+    gen = build_generator(GeneratorConfig(cond_blur=1.0))
+    frames = -torch.ones(8, 6, 3, 32, 32)
+    frames[..., 8:16, 8:16] = 1.0  # a sharp square on every frame
+    out = gen.blur_given(frames)
+    torch.testing.assert_close(out[:, 2:], frames[:, 2:])  # the new frames (the target) stay sharp
+    edge = lambda x: (x[..., :, 1:] - x[..., :, :-1]).abs().amax(dim=(-3, -2, -1))  # steepest step per frame
+    assert (edge(out[:, :2]) < 2.0).all() and (edge(out[:, :2]) > 1.0).all()  # softened, by a weight in (0, 1) per clip
+    torch.testing.assert_close(out[:, 0].mean(), frames[:, 0].mean(), atol=1e-6, rtol=0)  # blurring moves no mass
+    flat = torch.full((2, 6, 3, 32, 32), 0.3)
+    torch.testing.assert_close(gen.blur_given(flat), flat)  # a flat frame is its own blur (replicate padding)
+    assert (edge(build_generator(GeneratorConfig(cond_blur=0.0)).blur_given(frames)[:, :2]) == 2.0).all()
 
 
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):

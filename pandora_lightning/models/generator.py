@@ -78,6 +78,12 @@ class GeneratorConfig:
     # while the target stays the clean clip, so the generator learns to repair the small errors its
     # own earlier rounds leave in the frames a rollout gives it (0: off).
     cond_noise: float = 0.0
+    # Training only: this share of clips has its given frames blended with a 3x3 binomial blur of
+    # themselves, by a weight drawn uniformly in [0, 1], while the target stays the sharp clip: the
+    # soft object rims a rollout's earlier rounds feed back, which the generator then learns to
+    # sharpen instead of compounding them (0: off; README, "Rounds that compound"). A blur of
+    # pixels, so like the shape keys a pretrained family (latent frames) ignores it.
+    cond_blur: float = 0.0
     added_time_ids: list[float] = field(default_factory=lambda: [7.0, 127.0, 0.02])
 
     def __post_init__(self):
@@ -93,6 +99,8 @@ class GeneratorConfig:
             raise PandoraError(f"generator.cond_frames={self.cond_frames} must be in [1, generator.frames={self.frames})")
         if self.timestep_power <= 0 or self.cond_noise < 0:
             raise PandoraError(f"generator.timestep_power={self.timestep_power} must be > 0 and generator.cond_noise={self.cond_noise} >= 0")
+        if not 0.0 <= self.cond_blur <= 1.0:
+            raise PandoraError(f"generator.cond_blur={self.cond_blur} is a share of clips: give a value in [0, 1]")
         if self.pretrained is not None and (self.timestep_power != 1.0 or self.cond_noise != 0.0):
             raise PandoraError("generator.timestep_power and generator.cond_noise are options of the tiny generator; "
                                "a pretrained family draws its own noise levels: drop them")

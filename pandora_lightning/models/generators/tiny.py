@@ -127,16 +127,29 @@ class TinyGenerator(UNetDenoiser, nn.Module):
             return torch.zeros_like(latents[:, :1])
         return latents[:, self.cfg.cond_frames - 1 : self.cfg.cond_frames]
 
+    def blur_given(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 3, H, W) with the given ones of a `cond_blur` share of clips blended with their 3x3
+        binomial blur by a weight drawn uniformly in [0, 1] per clip; the new frames are left as they are."""
+        n, b = self.cfg.cond_frames, frames.shape[0]
+        taps = frames.new_tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :] / 16).expand(3, 1, 3, 3)
+        given = frames[:, :n].flatten(0, 1)
+        blurred = F.conv2d(F.pad(given, (1, 1, 1, 1), mode="replicate"), kernel, groups=3).unflatten(0, (b, n))
+        shape = (b, 1, 1, 1, 1)
+        chosen = torch.rand(shape, device=frames.device) < self.cfg.cond_blur
+        weight = torch.rand(shape, device=frames.device, dtype=frames.dtype) * chosen
+        return torch.cat([frames[:, :n] + weight * (blurred - frames[:, :n]), frames[:, n:]], dim=1)
+
     def forward(self, frames, context, noise=None, timesteps=None, encoded=None):
         """The training pair: frames (B, T, 3, H, W) -> (UNet output, target of the prediction type) on the new frames.
         `encoded` (precomputed inputs) is not used: the tiny generator works on the pixels."""
         n = self.cfg.cond_frames
         latents = self.encode(frames)
-        given = latents
+        given = self.encode(self.blur_given(frames)) if self.training and self.cfg.cond_blur > 0 else latents
         if self.training and self.cfg.cond_noise > 0:
             sigma = torch.rand(latents.shape[0], 1, 1, 1, 1, device=latents.device, dtype=latents.dtype) * self.cfg.cond_noise
-            noisy = latents[:, :n] + sigma * torch.randn_like(latents[:, :n])
-            given = torch.cat([noisy, latents[:, n:]], dim=1)
+            noisy = given[:, :n] + sigma * torch.randn_like(given[:, :n])
+            given = torch.cat([noisy, given[:, n:]], dim=1)
         x0, cond = latents - self.anchor(given), self.condition(given)
         noise = torch.randn_like(x0) if noise is None else noise
         if timesteps is None:
