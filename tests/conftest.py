@@ -42,6 +42,9 @@ def tiny_recipe(stage: str, manifest: Path, run_dir: Path, *overrides: str):
             "trainer.log_every_n_steps=1",
             "trainer.progress_bar=false",
             "model.generator.num_inference_steps=2",
+            # fp32: tests compare runs exactly and step modules outside a Trainer (without its autocast);
+            # the bf16 paths have their own tests
+            "trainer.precision=32-true",
             *overrides,
         ],
     )

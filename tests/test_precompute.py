@@ -41,8 +41,8 @@ def encoded(one_set, tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
     folder = i2vgen_xl(root / "i2vgen-xl")
     out = root / "encoded"
-    args = ["shards", "encode", str(one_set), *i2v_overrides(folder), "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
-            "--out", str(out), "--split", "train", "--quiet"]
+    args = ["shards", "encode", str(one_set), *i2v_overrides(folder), "trainer.precision=32-true",  # as tiny_recipe
+            "--recipe", str(RECIPES / "tiny" / "instruct.yaml"), "--out", str(out), "--split", "train", "--quiet"]
     assert main(args) == 0
     return folder, out / "manifest.yaml"
 
@@ -126,7 +126,7 @@ def test_tiny_recipe_from_align_checkpoint_pixels_kept_and_model_file_whole(alig
     encoder are the align checkpoint's (known by their tensors), and come back in the model file."""
     start = [f"init_from={align_checkpoint}"]
     out = tmp_path / "encoded"
-    assert main(["shards", "encode", str(one_set), *start, "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
+    assert main(["shards", "encode", str(one_set), *start, "trainer.precision=32-true", "--recipe", str(RECIPES / "tiny" / "instruct.yaml"),
                  "--out", str(out), "--split", "train", "--quiet"]) == 0
     record = load_manifest(out / "manifest.yaml").encoding
     assert record.needs_frames and set(record.encoders) == {"vision", "text_encoder"}

@@ -131,7 +131,8 @@ def test_config_only_folders_need_model_weights_random(tmp_path, fp16_folders):
     llm.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(fp16_folders["llm"] / name, llm / name)
-    overrides = [f"model.llm.pretrained={llm}", f"model.vision.pretrained={fp16_folders['vision']}"]
+    overrides = [f"model.llm.pretrained={llm}", f"model.vision.pretrained={fp16_folders['vision']}",
+                 "trainer.precision=32-true"]  # the context below runs outside a Trainer (no autocast)
     with pytest.raises(PandoraError, match=r"llm: '.*llm' holds a config but no weights.*model.weights=random"):
         STAGES["align"].from_recipe(load_recipe(RECIPES / "tiny/align.yaml", overrides), ["move"])
     shutil.copy(fp16_folders["vision"] / "config.json", tmp_path / "config.json")  # vision: config only too

@@ -9,6 +9,7 @@ from pandora_lightning.recipe import load_recipe
 from pandora_lightning.training.checkpoint import init_from, load_stage
 from pandora_lightning.training.stage import STAGES
 from pandora_lightning.training.fit import fit
+from pandora_lightning.training.precision import compute_dtype
 from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +62,13 @@ def test_instruct_starts_from_align_and_trains(world_manifest, align_checkpoint,
     final = fit(recipe)
     tuned = load_stage(final).model
     assert tuned.llm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == recipe.lora.llm.rank
-    # Frozen LLM base weights came from align unchanged; the trained generator moved.
-    torch.testing.assert_close(
-        tuned.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight, aligned.llm.model.model.layers[0].self_attn.q_proj.weight
-    )
-    torch.testing.assert_close(tuned.vision.tower.embeddings.patch_embedding.weight, aligned.vision.tower.embeddings.patch_embedding.weight)
+    # Frozen LLM base weights came from align unchanged (cast to the recipe's compute dtype, as every
+    # frozen weight is); the trained generator moved.
+    frozen = tuned.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert frozen.dtype == compute_dtype(recipe.trainer.precision)
+    torch.testing.assert_close(frozen, aligned.llm.model.model.layers[0].self_attn.q_proj.weight.to(frozen.dtype), rtol=0, atol=0)
+    vision = tuned.vision.tower.embeddings.patch_embedding.weight
+    torch.testing.assert_close(vision, aligned.vision.tower.embeddings.patch_embedding.weight.to(vision.dtype), rtol=0, atol=0)
     assert not torch.equal(tuned.generator.unet.conv_in.weight, aligned.generator.unet.conv_in.weight)
 
 
@@ -90,7 +93,9 @@ def test_bad_checkpoint_files_are_named(tmp_path):
 def test_distillation_pulls_the_adapter_towards_the_text_encoder():
     recipe = load_recipe(
         ROOT / "recipes/tiny/align.yaml",
-        ["loss.context=teacher", "loss.distill_weight=1.0", "loss.text_dropout=0.0", "trainable=[output_adapter.*]"],
+        # fp32: the steps below run outside a Trainer, so without the autocast a bf16 recipe's Trainer gives
+        ["loss.context=teacher", "loss.distill_weight=1.0", "loss.text_dropout=0.0", "trainable=[output_adapter.*]",
+         "trainer.precision=32-true"],
     )
     module = STAGES["align"].from_recipe(recipe).train()
     batch = {"frames": torch.randint(0, 255, (4, 6, 3, 32, 32), dtype=torch.uint8),
@@ -126,3 +131,22 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
     assert [lr_factor(constant, 110, s) for s in (4, 50, 110)] == [0.5, 1.0, 1.0]
     with pytest.raises(ValueError, match="optim.schedule='linear' must be 'constant' or 'cosine'"):
         OptimConfig(schedule="linear")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_bf16_training_on_cpu_runs_attention_through_the_math_kernel(precision):
+    """PyTorch's flash-attention backward in bf16 on CPU is several times slower than in fp32 (README,
+    "Measured figures", stop 13): bf16 training steps there take the math kernel, fp32 keeps flash."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from pandora_lightning.training.precision import training_attention
+
+    q = torch.randn(2, 2, 16, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        default = scaled_dot_product_attention(q, q, q).grad_fn.name()
+        with training_attention(precision, "cpu"):
+            chosen = scaled_dot_product_attention(q, q, q)
+    assert "Flash" in default  # what PyTorch picks by itself, in both precisions
+    assert ("Flash" in chosen.grad_fn.name()) == (precision == "32-true")
+    chosen.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

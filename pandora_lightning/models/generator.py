@@ -76,7 +76,8 @@ class GeneratorConfig:
     timestep_power: float = 1.0
     # Training only: the given frames get Gaussian noise of a std drawn per clip in [0, cond_noise]
     # while the target stays the clean clip, so the generator learns to repair the small errors its
-    # own earlier rounds leave in the frames a rollout gives it (0: off).
+    # own earlier rounds leave in the frames a rollout gives it (0: off). Like cond_blur, a pretrained
+    # family ignores it (svd has its own: noise_aug_strength), so the tiny recipes stay templates.
     cond_noise: float = 0.0
     # Training only: this share of clips has its given frames blended with a 3x3 binomial blur of
     # themselves, by a weight drawn uniformly in [0, 1], while the target stays the sharp clip: the
@@ -101,9 +102,9 @@ class GeneratorConfig:
             raise PandoraError(f"generator.timestep_power={self.timestep_power} must be > 0 and generator.cond_noise={self.cond_noise} >= 0")
         if not 0.0 <= self.cond_blur <= 1.0:
             raise PandoraError(f"generator.cond_blur={self.cond_blur} is a share of clips: give a value in [0, 1]")
-        if self.pretrained is not None and (self.timestep_power != 1.0 or self.cond_noise != 0.0):
-            raise PandoraError("generator.timestep_power and generator.cond_noise are options of the tiny generator; "
-                               "a pretrained family draws its own noise levels: drop them")
+        if self.pretrained is not None and self.timestep_power != 1.0:
+            raise PandoraError(f"generator.timestep_power={self.timestep_power} is an option of the tiny generator; a "
+                               "pretrained family draws its own noise levels: drop it")
         if self.unet not in ("spatiotemporal", "2d"):
             raise PandoraError(f"generator.unet={self.unet!r} must be 'spatiotemporal' or '2d' (the tiny generator's UNet)")
         if self.pretrained is None:

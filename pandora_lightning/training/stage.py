@@ -18,7 +18,7 @@ from pandora_lightning.data.frames import to_model_range
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.world_model import WorldModel
 from pandora_lightning.training.model_file import check_fingerprints, check_saved_state, fingerprints, saved_keys
-from pandora_lightning.training.precision import compute_dtype, reconcile_dtypes
+from pandora_lightning.training.precision import compute_dtype, reconcile_dtypes, training_attention
 from pandora_lightning.training.parallel import configure as configure_parallel
 from pandora_lightning.training.recipe import OptimConfig, TrainingRecipe, training_recipe_from_dict
 from pandora_lightning.training.lora import add_lora
@@ -152,7 +152,8 @@ class WorldModelStage(L.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        parts = self.losses(batch)
+        with training_attention(self.trainer.precision, self.device):
+            parts = self.losses(batch)
         for name, value in parts.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch["text"]))
         return parts["loss"]
