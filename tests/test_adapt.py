@@ -161,6 +161,14 @@ def test_generate_play_and_compare_with_an_adapter(adapted, align_checkpoint, wo
     result = json.loads((out / "compare.json").read_text())
     row = next(r for r in result["rows"] if r["metric"] == "psnr" and r["split"] == "val" and r["domain"] == "all")
     assert row["values"]["desert"] == row["values"]["again"] != row["values"]["base"]
+    # in bf16 (what the demo's checkpoint trains in): the frozen parts in bf16 under its autocast, as `score` runs
+    bf16 = tmp_path / "compare-bf16"
+    assert main(["score", "--compare", str(align_checkpoint), str(adapter), f"manifest={world_manifest}", "per_domain=1",
+                 "batch_size=8", f"out={bf16}", "precision=bf16-mixed"]) == 0
+    again = next(r for r in json.loads((bf16 / "compare.json").read_text())["rows"]
+                 if r["metric"] == "psnr" and r["split"] == "val" and r["domain"] == "all")
+    # bf16 compute: not the fp32 numbers (the precision was honoured), but the same picture within rounding
+    assert all(0 < abs(again["values"][k] - row["values"][k]) < 1.0 for k in ("base", "desert")), (again, row)
 
     assert main(["score", "--compare", str(align_checkpoint), f"manifest={world_manifest}"]) == 2
     assert "takes the base checkpoint, then one or more adapters" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pandora_lightning.evaluation.suite import EpisodeMetrics, load_weights
 from pandora_lightning.training.adapters import attach_adapters, resolve_adapter
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.lora import use_adapter
+from pandora_lightning.training.precision import autocast, resolve_device
 
 BASE = "base"
 
@@ -27,13 +28,15 @@ BASE = "base"
 def run_compare(cfg: ScoreConfig, adapters: list[str], plugins: Sequence[EpisodeMetrics] = ()) -> dict:
     """Score `cfg.checkpoint` alone and with each of `adapters` (NAME | PATH | NEWNAME=PATH)."""
     started = time.time()
-    module = load_stage(cfg.checkpoint)
+    # As `score`: on --device, in --precision (default: the checkpoint's training precision), under its autocast.
+    device = resolve_device(cfg.device)
+    module = load_stage(cfg.checkpoint, device, cfg.precision)
     names = attach_adapters(module, cfg.checkpoint, adapters)
     model = module.model
     if cfg.num_inference_steps:
         model.generator.cfg.num_inference_steps = cfg.num_inference_steps
     manifest_path = cfg.manifest or module.recipe.data.manifest
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, allow_commands=cfg.allow_commands)
     splits = held_out_splits(manifest, list(cfg.splits))
     episodes = {s: load_episodes(manifest, s, cfg.per_domain, model.cfg.generator.size) for s in splits}
     weights = load_weights(cfg)
@@ -44,7 +47,8 @@ def run_compare(cfg: ScoreConfig, adapters: list[str], plugins: Sequence[Episode
         use_adapter(model, None if variant == BASE else variant)
         variants[variant] = {}
         for split in splits:
-            res = score_split(model, episodes[split], cfg, weights, None, split, plugins)
+            with autocast(module.recipe.trainer.precision, device):
+                res = score_split(model, episodes[split], cfg, weights, None, split, plugins)
             variants[variant][split] = {"episodes": res["episodes"], "rounds": res["rounds"], "metrics": res["metrics"]}
     result = {
         "checkpoint": str(cfg.checkpoint),
