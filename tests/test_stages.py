@@ -93,7 +93,7 @@ def test_bad_checkpoint_files_are_named(tmp_path):
 def test_distillation_pulls_the_adapter_towards_the_text_encoder():
     recipe = load_recipe(
         ROOT / "recipes/tiny/align.yaml",
-        # fp32: the steps below run outside a Trainer, so without the autocast a bf16 recipe's Trainer gives
+        # fp32: the steps below run outside a Trainer, so without the autocast a bf16 recipe runs under
         ["loss.context=teacher", "loss.distill_weight=1.0", "loss.text_dropout=0.0", "trainable=[output_adapter.*]",
          "trainer.precision=32-true"],
     )
@@ -136,7 +136,7 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_bf16_training_on_cpu_runs_attention_through_the_math_kernel(precision):
     """PyTorch's flash-attention backward in bf16 on CPU is several times slower than in fp32 (README,
-    "Measured figures", stop 13): bf16 training steps there take the math kernel, fp32 keeps flash."""
+    "Noise on the given frames, bf16 steps"): bf16 training steps there take the math kernel, fp32 keeps flash."""
     from torch.nn.functional import scaled_dot_product_attention
 
     from pandora_lightning.training.precision import training_attention
