@@ -45,8 +45,8 @@ def test_adapt_trains_only_the_adapter_and_writes_a_peft_folder(adapted, align_c
     meta = read_adapter(run_dir / "adapter")
     assert meta["name"] == "desert" and sorted(meta["components"]) == ["generator", "llm"]
     assert meta["base_checkpoint"] == str(align_checkpoint)
-    for component in ("llm", "generator"):
-        assert (run_dir / "adapter" / component / "adapter_model.safetensors").stat().st_size < 200_000
+    for component in ("llm", "generator"):  # the adapter alone: a whole tiny checkpoint is 17 MB
+        assert (run_dir / "adapter" / component / "adapter_model.safetensors").stat().st_size < 300_000
     # Every base weight is the base checkpoint's; the adapter moved.
     base, tuned = load_stage(align_checkpoint).model, load_stage(adapted).model
     own = dict(tuned.named_parameters())
