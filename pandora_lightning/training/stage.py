@@ -161,9 +161,26 @@ class WorldModelStage(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.recipe.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # On CPU PyTorch's default AdamW loops over the tensors one by one (24 ms a step for the tiny
+        # model's 305 tensors at 2 threads, 12% of an instruct step); its fused kernel takes a third of
+        # that. GPUs keep PyTorch's default (foreach), and fp16 its gradient scaler, which a fused
+        # optimizer would unscale inside its step, after the clipping below.
+        fused = bool(params) and all(p.device.type == "cpu" for p in params) and self.trainer.precision != "16-mixed"
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg, self.recipe.trainer.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, since fp16's
+        # scaler is unscaled inside a fused step; bf16 has no scaler, so its gradients are clipped here,
+        # as Lightning's own plugin clips them.
+        if not optimizer.defaults.get("fused") or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 def lr_factor(cfg: OptimConfig, max_steps: int, step: int) -> float:
