@@ -165,7 +165,7 @@ class WorldModelStage(L.LightningModule):
         # model's 305 tensors at 2 threads, 12% of an instruct step); its fused kernel takes a third of
         # that. GPUs keep PyTorch's default (foreach), and fp16 its gradient scaler, which a fused
         # optimizer would unscale inside its step, after the clipping below.
-        fused = bool(params) and all(p.device.type == "cpu" for p in params) and self.trainer.precision != "16-mixed"
+        fused = bool(params) and all(p.device.type == "cpu" for p in params) and self.recipe.trainer.precision != "16-mixed"
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg, self.recipe.trainer.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
