@@ -121,10 +121,26 @@ def test_timestep_power_draws_more_of_the_high_noise_levels():
     assert abs(drawn[1.0].mean() - 500) < 40 and abs(drawn[2.0].mean() - 667) < 40
 
 
+def test_sampler_timesteps_train_that_share_of_clips_at_the_levels_the_sampler_visits():
+    frames = torch.rand(1000, 6, 3, 32, 32) * 2 - 1
+    gen = build_generator(GeneratorConfig(sampler_timesteps=0.5, num_inference_steps=10))
+    seen = []
+    gen.denoise = lambda noisy, t, cond, context: seen.append(t) or torch.zeros_like(noisy)
+    torch.manual_seed(0)
+    gen(frames, torch.randn(1000, 8, 64))
+    levels = set(range(99, 1000, 100))  # 10 trailing DDIM steps: 999, 899, ... 99
+    gen.sample_scheduler.set_timesteps(10)
+    assert set(gen.sample_scheduler.timesteps.tolist()) == levels
+    on_levels = sum(t in levels for t in seen[0].tolist())
+    assert 450 < on_levels < 560  # half the clips, plus the uniform draws that land on a level (1%)
+    assert len(set(seen[0].tolist()) - levels) > 300  # the other half stays uniform
+
+
 @pytest.mark.parametrize("bad", [{"timestep_power": 0.0}, {"cond_noise": -0.1}, {"cond_blur": 1.5}, {"cond_blur": -0.1},
+                                 {"sampler_timesteps": 1.5},
                                  {"pretrained": "x", "family": "svd", "timestep_power": 2.0}])
 def test_tiny_noise_options_are_checked(bad):
-    with pytest.raises(PandoraError, match="timestep_power|cond_blur"):
+    with pytest.raises(PandoraError, match="timestep_power|cond_blur|sampler_timesteps"):
         GeneratorConfig(**bad)
 
 

@@ -74,6 +74,11 @@ class GeneratorConfig:
     # Training noise levels t = T * u ** (1 / timestep_power), u uniform: 1 is uniform, 2 a linear ramp
     # towards pure noise, where the clip has to come from the condition and the text.
     timestep_power: float = 1.0
+    # This share of training clips takes its noise level from the num_inference_steps levels the
+    # sampler visits (999, 899, ... 99 for 10 trailing DDIM steps) instead of the draw above: the
+    # levels a rollout is made of train more often (0: off; README, stop 14). Like cond_noise, a
+    # pretrained family (its own noise levels) ignores it, so the tiny recipes stay templates.
+    sampler_timesteps: float = 0.0
     # Training only: the given frames get Gaussian noise of a std drawn per clip in [0, cond_noise]
     # while the target stays the clean clip, so the generator learns to repair the small errors its
     # own earlier rounds leave in the frames a rollout gives it (0: off). Like cond_blur, a pretrained
@@ -102,6 +107,8 @@ class GeneratorConfig:
             raise PandoraError(f"generator.timestep_power={self.timestep_power} must be > 0 and generator.cond_noise={self.cond_noise} >= 0")
         if not 0.0 <= self.cond_blur <= 1.0:
             raise PandoraError(f"generator.cond_blur={self.cond_blur} is a share of clips: give a value in [0, 1]")
+        if not 0.0 <= self.sampler_timesteps <= 1.0:
+            raise PandoraError(f"generator.sampler_timesteps={self.sampler_timesteps} is a share of clips: give a value in [0, 1]")
         if self.pretrained is not None and self.timestep_power != 1.0:
             raise PandoraError(f"generator.timestep_power={self.timestep_power} is an option of the tiny generator; a "
                                "pretrained family draws its own noise levels: drop it")

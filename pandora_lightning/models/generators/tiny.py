@@ -153,9 +153,7 @@ class TinyGenerator(UNetDenoiser, nn.Module):
         x0, cond = latents - self.anchor(given), self.condition(given)
         noise = torch.randn_like(x0) if noise is None else noise
         if timesteps is None:
-            total = self.train_scheduler.config.num_train_timesteps
-            u = torch.rand(x0.shape[0], device=x0.device) ** (1 / self.cfg.timestep_power)
-            timesteps = (u * total).long().clamp(max=total - 1)
+            timesteps = self.training_timesteps(x0.shape[0], x0.device)
         pred = self.denoise(self.train_scheduler.add_noise(x0, noise, timesteps), timesteps, cond, context)
         kind = self.train_scheduler.config.prediction_type
         if kind == "v_prediction":
@@ -163,6 +161,20 @@ class TinyGenerator(UNetDenoiser, nn.Module):
         else:
             target = x0 if kind == "sample" else noise
         return pred[:, n:], target[:, n:]
+
+    def training_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
+        """A training batch's noise levels: T * u ** (1 / timestep_power), u uniform; a `sampler_timesteps`
+        share of the clips takes one of the levels the sampler visits instead (its num_inference_steps)."""
+        total = self.train_scheduler.config.num_train_timesteps
+        u = torch.rand(batch, device=device) ** (1 / self.cfg.timestep_power)
+        timesteps = (u * total).long().clamp(max=total - 1)
+        if self.cfg.sampler_timesteps > 0:
+            sampler = DDIMScheduler.from_config(self.sample_scheduler.config)
+            sampler.set_timesteps(self.num_inference_steps)
+            levels = sampler.timesteps.to(device)
+            visited = levels[torch.randint(len(levels), (batch,), device=device)]
+            timesteps = torch.where(torch.rand(batch, device=device) < self.cfg.sampler_timesteps, visited, timesteps)
+        return timesteps
 
     def guided(self, x, t, cond, context, uncond):
         """One denoising prediction, with classifier-free guidance when an unconditional context is given."""
