@@ -78,6 +78,10 @@ class TinyGenerator(UNetDenoiser, nn.Module):
         schedule = dict(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type, clip_sample=False)
         self.train_scheduler = DDPMScheduler.from_config(schedule)
         self.sample_scheduler = DDIMScheduler.from_config(schedule, timestep_spacing="trailing")
+        if cfg.sampler_timesteps > 0:  # the levels the sampler visits, drawn by training_timesteps
+            sampler = DDIMScheduler.from_config(self.sample_scheduler.config)
+            sampler.set_timesteps(self.num_inference_steps)
+            self.sampler_levels = sampler.timesteps.clone()
         self.register_buffer("added_time_ids", torch.tensor(cfg.added_time_ids), persistent=False)
 
     @property
@@ -169,9 +173,7 @@ class TinyGenerator(UNetDenoiser, nn.Module):
         u = torch.rand(batch, device=device) ** (1 / self.cfg.timestep_power)
         timesteps = (u * total).long().clamp(max=total - 1)
         if self.cfg.sampler_timesteps > 0:
-            sampler = DDIMScheduler.from_config(self.sample_scheduler.config)
-            sampler.set_timesteps(self.num_inference_steps)
-            levels = sampler.timesteps.to(device)
+            levels = self.sampler_levels.to(device)
             visited = levels[torch.randint(len(levels), (batch,), device=device)]
             timesteps = torch.where(torch.rand(batch, device=device) < self.cfg.sampler_timesteps, visited, timesteps)
         return timesteps
