@@ -135,7 +135,7 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_bf16_training_on_cpu_runs_attention_through_the_math_kernel(precision):
-    """PyTorch's flash-attention backward in bf16 on CPU is several times slower than in fp32 (README,
+    """PyTorch's flash-attention backward in bf16 on CPU is several times slower than in fp32 (docs/demo-model.md,
     "Noise on the given frames, bf16 steps"): bf16 training steps there take the math kernel, fp32 keeps flash."""
     from torch.nn.functional import scaled_dot_product_attention
 
@@ -153,8 +153,8 @@ def test_bf16_training_on_cpu_runs_attention_through_the_math_kernel(precision):
 
 
 def test_cpu_steps_use_fused_adamw_and_still_clip_in_bf16(world_manifest, tmp_path):
-    """On CPU the optimizer is AdamW's fused kernel (a third of the per-tensor loop's time here; README,
-    stop 14). Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer, so
+    """On CPU the optimizer is AdamW's fused kernel (a third of the per-tensor loop's time here; docs/demo-model.md,
+    "Fused optimizer steps"). Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer, so
     the stage clips them itself: a bf16 fit with clipping runs, and the clip bounds the norm."""
     import lightning as L
 

@@ -3,7 +3,7 @@
 The recipe's generator (the demo's: the 2d UNet, frames stacked as channels, at `[64, 128]`) against
 the spatio-temporal UNet at the same widths and at `[32, 64]`, the demo's before: forward, backward
 and an AdamW step at the recipe's batch size on random clips, seconds a step (median after a warm-up,
-this machine's threads). What the demo's quality per step is worth is in the README's ablation.
+this machine's threads). What the demo's quality per step is worth is in docs/demo-model.md.
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ class GeneratorConfig:
     timestep_power: float = 1.0
     # This share of training clips takes its noise level from the num_inference_steps levels the
     # sampler visits (999, 899, ... 99 for 10 trailing DDIM steps) instead of the draw above: the
-    # levels a rollout is made of train more often (0: off; README, stop 14). Like cond_noise, a
+    # levels a rollout is made of train more often (0: off; docs/demo-model.md, "the sampler's noise levels"). Like cond_noise, a
     # pretrained family (its own noise levels) ignores it, so the tiny recipes stay templates.
     sampler_timesteps: float = 0.0
     # Training only: the given frames get Gaussian noise of a std drawn per clip in [0, cond_noise]
@@ -87,7 +87,7 @@ class GeneratorConfig:
     # Training only: this share of clips has its given frames blended with a 3x3 binomial blur of
     # themselves, by a weight drawn uniformly in [0, 1], while the target stays the sharp clip: the
     # soft object rims a rollout's earlier rounds feed back, which the generator then learns to
-    # sharpen instead of compounding them (0: off; README, "Rounds that compound"). A blur of
+    # sharpen instead of compounding them (0: off; docs/demo-model.md, "Rounds that compound"). A blur of
     # pixels, so like the shape keys a pretrained family (latent frames) ignores it.
     cond_blur: float = 0.0
     added_time_ids: list[float] = field(default_factory=lambda: [7.0, 127.0, 0.02])

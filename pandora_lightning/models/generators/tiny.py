@@ -39,7 +39,7 @@ def _tiny_unet(cfg, channels: int) -> nn.Module:
             attention_head_dim=heads,  # diffusers' 2D UNet reads this argument as the number of heads (its own note)
             # The context, attention-pooled, is also added to the time embedding, so the action reaches
             # every ResNet and not only the cross-attention of the coarse levels: without it one seed
-            # in three never learned to follow the text (README, "Measured figures", stop 10).
+            # in three never learned to follow the text (docs/history.md, stop 10).
             addition_embed_type="text",
             addition_embed_type_num_heads=max(1, cfg.cross_attention_dim // cfg.attention_head_dim),
             **shared,
