@@ -94,6 +94,23 @@ def test_action_following_scores_history_rounds_against_the_resolved_action():
     assert lenient["history"] == 0.0 and lenient["plain"] == 1.0  # the rounds said plainly still count
 
 
+def test_history_rounds_are_split_by_how_far_back_the_action_said_plainly_is():
+    sample = _history_sample()
+    video = torch.from_numpy(sample["frames"]).permute(0, 3, 1, 2)[None]
+    meta = dict(sample["meta"], actions=[dict(a) for a in sample["meta"]["actions"]])
+    for span, refers in zip(meta["actions"], (None, "again", "undo", None)):  # the labels only: the video is the same
+        span.pop("refers", None)
+        if refers:
+            span["refers"] = refers
+    meta["actions"][2]["action"] = OPPOSITE[meta["actions"][2]["action"]]  # round 3, 2 rounds back, resolved wrongly
+    metric = ActionFollowing(2, 4)
+    metric.update(video, [meta])
+    lenient = metric.report()["action_following_lenient"]
+    assert {k: v for k, v in lenient.items() if k.startswith("back_")} == {
+        "back_1": 1.0, "back_1_count": 1.0, "back_2": 0.0, "back_2_count": 1.0}
+    assert lenient["history"] == 0.5 and lenient["plain"] == 1.0
+
+
 def test_history_actions_need_a_model_with_history():
     class Model:
         history_rounds = 1

@@ -125,9 +125,11 @@ def test_demo_summary_prints_history_rounds_as_figures(capsys):
     from pandora_lightning.world.demo import print_summary
 
     history = {"history": 0.153, "again": 0.0555555555, "undo": None, "plain": 0.332}
-    lenient = {"history": 0.9, "again": 0.8, "undo": 1.0, "plain": 0.95}
+    lenient = {"history": 0.9, "again": 0.8, "undo": 1.0, "plain": 0.95, "back_1": 0.95, "back_1_count": 20.0,
+               "back_3": 0.5, "back_3_count": 2.0}
     print_summary({"splits": {"val": {"history": history, "history_lenient": lenient}}, "seed": 0, "steps": {},
                    "wall_seconds": {}, "rollouts": "x"})
-    lines = [l.strip() for l in capsys.readouterr().out.splitlines() if "again" in l]
+    lines = [l.strip() for l in capsys.readouterr().out.splitlines() if "again" in l or "back" in l]
     assert lines == ["rounds said as 'again'/'go back', strict: 0.153 (again 0.056, undo n/a); other rounds 0.332",
-                     "rounds said as 'again'/'go back', lenient: 0.900 (again 0.800, undo 1.000); other rounds 0.950"]
+                     "rounds said as 'again'/'go back', lenient: 0.900 (again 0.800, undo 1.000); other rounds 0.950",
+                     "by rounds back to the action said plainly: 1: 0.95 (20), 3: 0.50 (2)"]

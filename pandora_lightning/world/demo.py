@@ -65,7 +65,7 @@ def split_summary(report: dict) -> dict:
     for key, share in (("history", "action_following"), ("history_lenient", "action_following_lenient")):
         entry = report.get(share, {})
         if "history" in entry:
-            out[key] = {k: entry[k] for k in ("history", "again", "undo", "plain") if k in entry}
+            out[key] = {k: v for k, v in entry.items() if k in ("history", "again", "undo", "plain") or k.startswith("back_")}
     return out
 
 
@@ -181,6 +181,10 @@ def print_summary(summary: dict) -> None:
                 said = {k: "n/a" if h.get(k) is None else f"{h[k]:.3f}" for k in ("again", "undo")}
                 print(f"  rounds said as 'again'/'go back', {kind}: {h['history']:.3f} (again {said['again']}, undo "
                       f"{said['undo']}); other rounds {h['plain']:.3f}")
+                back = sorted(int(k[5:]) for k in h if k.startswith("back_") and not k.endswith("_count"))
+                if back:
+                    print("    by rounds back to the action said plainly: "
+                          + ", ".join(f"{d}: {h[f'back_{d}']:.2f} ({h[f'back_{d}_count']:.0f})" for d in back))
     print(f"seed {summary['seed']}, steps: {summary['steps']}")
     print(f"wall seconds: {summary['wall_seconds']}")
     print(f"videos and contact sheets: {summary['rollouts']}")

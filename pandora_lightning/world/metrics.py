@@ -56,9 +56,11 @@ class _RoundMetric(DomainMetric):
 
 # Columns of ActionFollowing's per-round records (float64 rows, concatenated across processes).
 _COLUMNS = ("episode", "domain", "round", "action", "previous", "valid", "strict", "lenient", "classified",
-            "kept", "held_out", "refers")
+            "kept", "held_out", "refers", "back")
 # Rounds said as a reference to the previous one ("again", "go back"; world/history.py) are scored
-# against the action they resolve to; "refers" is 1 + the kind's index, 0 for a plain round.
+# against the action they resolve to; "refers" is 1 + the kind's index, 0 for a plain round, and
+# "back" how many rounds back the last plainly said action is (0 for a plain round): a chain of
+# references reaching beyond the rounds a model reads can only be followed from what it saw.
 HISTORY_KINDS = tuple(HISTORY_ACTIONS)
 _C = {name: i for i, name in enumerate(_COLUMNS)}
 
@@ -102,7 +104,7 @@ class ActionFollowing(_RoundMetric):
             reference = measure_states(video[cond - 1 : cond], domain, size)[0]
             valid = valid_sets(ep, n)
             held = held_out_actions(ep["domain"], ep["split"]) if ep.get("split") in SPLITS else ()
-            uid, previous = episode_id(ep), -1
+            uid, previous, plain = episode_id(ep), -1, -1
             for r in range(n):
                 s = self.span(r)
                 target = ep["actions"][r]["action"]
@@ -110,9 +112,11 @@ class ActionFollowing(_RoundMetric):
                 classified = -1 if verdict.lenient is None else ACTION_NAMES.index(verdict.lenient)
                 action = ACTION_NAMES.index(target)
                 refers = ep["actions"][r].get("refers")
+                said = refers in HISTORY_KINDS
+                plain = plain if said else r
                 rows.append([uid, g, r, action, previous, _mask(None if valid is None else valid[r]), verdict.strict,
                              verdict.lenient == target, classified, verdict.found and verdict.kept, target in held,
-                             HISTORY_KINDS.index(refers) + 1 if refers in HISTORY_KINDS else 0])
+                             HISTORY_KINDS.index(refers) + 1 if said else 0, r - plain])
                 previous = action
         if rows:
             self.records.append(torch.tensor(rows, dtype=torch.float64, device=self.device))
@@ -135,7 +139,8 @@ class ActionFollowing(_RoundMetric):
     def _history(table: np.ndarray, column: str) -> dict[str, float]:
         """Shares (``column``: "strict" or "lenient") of rounds said as "again"/"go back" and of the
         other rounds; empty without any. The lenient one tells a model that forgot the previous action
-        from one that remembered it but drew the round badly."""
+        from one that remembered it but drew the round badly; "back_<d>" (and its count) splits the
+        said rounds by how far back the action said plainly is, which tells a window too short."""
         refers, hits = table[:, _C["refers"]], table[:, _C[column]]
         said = refers > 0
         if not said.any():
@@ -145,6 +150,10 @@ class ActionFollowing(_RoundMetric):
         for i, kind in enumerate(HISTORY_KINDS):
             if (refers == i + 1).any():
                 out[kind] = float(hits[refers == i + 1].mean())
+        back = table[:, _C["back"]].astype(int)
+        for d in np.unique(back[said]):
+            rounds = said & (back == d)
+            out[f"back_{d}"], out[f"back_{d}_count"] = float(hits[rounds].mean()), float(rounds.sum())
         return out
 
     def domain_counts(self) -> torch.Tensor:
