@@ -206,11 +206,15 @@ def _demo(args) -> None:
 
     if args.seeds < 1:
         raise PandoraError(f"demo --seeds {args.seeds}: give at least 1 training seed")
-    run_dir = Path(args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo-history" if args.history else "runs/demo"))
+    if args.quick and args.long:
+        raise PandoraError("demo --quick --long: choose one (--quick checks the pipeline in a few steps, --long trains longer)")
+    default = "runs/demo-quick" if args.quick else "runs/demo-history" if args.history else "runs/demo"
+    run_dir = Path(args.run_dir or default + ("-long" if args.long else ""))
+    options = dict(quick=args.quick, overwrite=args.overwrite, history=args.history, long=args.long)
     if args.seeds == 1:
-        run_demo(run_dir, quick=args.quick, overwrite=args.overwrite, history=args.history)
+        run_demo(run_dir, **options)
     else:
-        run_seeds(run_dir, args.seeds, quick=args.quick, overwrite=args.overwrite, history=args.history)
+        run_seeds(run_dir, args.seeds, **options)
 
 
 def _bench(args) -> None:
@@ -390,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(run=_shards_verify)
 
     p = verbs.add_parser("demo", help="world shards -> align -> instruct -> multi-round rollouts + accuracy")
-    p.add_argument("--run-dir", help="default runs/demo (runs/demo-quick with --quick)")
+    p.add_argument("--run-dir", help="default runs/demo (runs/demo-quick with --quick, runs/demo-history with --history, -long added with --long)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+    p.add_argument("--long", action="store_true",
+                   help="align 2x and instruct 4x the recipes' steps (about 30 minutes here): the model the world benchmark's bars ask for")
     p.add_argument("--history", action="store_true",
                    help="the history demo: 'again' / 'go back' actions, an LLM that reads earlier rounds (recipes/tiny-history)")
     p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")

@@ -133,3 +133,30 @@ def test_demo_summary_prints_history_rounds_as_figures(capsys):
     assert lines == ["rounds said as 'again'/'go back', strict: 0.153 (again 0.056, undo n/a); other rounds 0.332",
                      "rounds said as 'again'/'go back', lenient: 0.900 (again 0.800, undo 1.000); other rounds 0.950",
                      "by rounds back to the action said plainly: 1: 0.95 (20), 3: 0.50 (2)"]
+
+
+def test_demo_long_trains_the_recipes_longer(monkeypatch, tmp_path, capsys):
+    """`demo --long` multiplies each tiny recipe's own steps (align 2x, instruct 4x) and nothing else."""
+    import pandora_lightning.world.demo as demo
+    from pandora_lightning.cli import main
+    from pandora_lightning.recipe import load_recipe
+
+    class Trained(Exception):
+        pass
+
+    trained = {}
+
+    def fake_fit(recipe, callbacks=(), overwrite=False):
+        trained[recipe.stage] = recipe.trainer.max_steps
+        if recipe.stage == "instruct":
+            raise Trained  # stop before the rollouts
+        return tmp_path / "align.safetensors"
+
+    monkeypatch.setattr(demo, "build_world", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "fit", fake_fit)
+    with pytest.raises(Trained):
+        demo.run_demo(tmp_path / "run", long=True)
+    own = {s: load_recipe(f"recipes/tiny/{s}.yaml").trainer.max_steps for s in ("align", "instruct")}
+    assert trained == {"align": 2 * own["align"], "instruct": 4 * own["instruct"]}
+    assert main(["demo", "--quick", "--long"]) == 2
+    assert "choose one" in capsys.readouterr().err

@@ -37,6 +37,9 @@ SPLIT_TITLES = {
     "transfer": f"transfer: {TRANSFER_DOMAIN} asked to {'/'.join(TRANSFER_HELD_OUT)}, never shown there in training",
     "phrasings": "phrasings held out of training",
 }
+# `demo --long`: the recipes' own steps times these; the world benchmark's bars within about 30 minutes of
+# this 2-core CPU instead of make demo's 10 (README, "The demo model").
+LONG = {"align": 2, "instruct": 4}
 SHARES = ("action_following", "action_following_lenient", "action_following_held_out", "temporal_object")
 # `demo --history`: episodes of 4 rounds, half of the later ones said as "again" / "go back", and
 # recipes whose LLM reads earlier rounds (recipes/tiny-history).
@@ -69,7 +72,8 @@ def split_summary(report: dict) -> dict:
     return out
 
 
-def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool = False, history: bool = False) -> dict:
+def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool = False, history: bool = False,
+             long: bool = False) -> dict:
     """The whole pipeline into `run_dir`; an earlier demo there is refused unless `overwrite`."""
     started = time.time()
     timings = {}
@@ -88,6 +92,9 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
         if stage in steps:
             overrides.append(f"trainer.max_steps={steps[stage]}")
         recipe = load_recipe(f"{recipes}/{stage}.yaml", overrides)
+        if long:
+            overrides.append(f"trainer.max_steps={recipe.trainer.max_steps * LONG[stage]}")
+            recipe = load_recipe(f"{recipes}/{stage}.yaml", overrides)
         t0 = time.time()
         checkpoint = fit(recipe, score_callbacks(recipe, [WORLD_METRICS]), overwrite=overwrite)
         timings[f"{stage}_s"] = round(time.time() - t0, 1)
@@ -117,9 +124,11 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     return summary
 
 
-def run_seeds(run_dir: Path, seeds: int, quick: bool = False, overwrite: bool = False, history: bool = False) -> dict:
+def run_seeds(run_dir: Path, seeds: int, quick: bool = False, overwrite: bool = False, history: bool = False,
+              long: bool = False) -> dict:
     """The demo trained `seeds` times (seeds 0..N-1, each in run_dir/seed-<s>); their spread per figure."""
-    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite, history=history) for s in range(seeds)]
+    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite, history=history, long=long)
+            for s in range(seeds)]
     summary = {"seeds": list(range(seeds)), "figures": seed_spread([r["splits"] for r in runs]),
                "wall_seconds": [r["wall_seconds"]["total_s"] for r in runs]}
     (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
