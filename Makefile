@@ -22,7 +22,7 @@ demo: $(STAMP)
 demo-seeds: $(STAMP)
 	$(PY) -m pandora_lightning demo --seeds 3 --run-dir runs/demo-seeds
 
-# The demo's recipes trained 2x (align) and 4x (instruct) longer, about 30 minutes: the model that meets
+# The demo's recipes trained 2x (align) and 4x (instruct) longer, about 27 minutes: the model that meets
 # the world benchmark's in-domain bars (README, "The demo model").
 demo-long: $(STAMP)
 	$(PY) -m pandora_lightning demo --long --overwrite

@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="default runs/demo (runs/demo-quick with --quick, runs/demo-history with --history, -long added with --long)")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     p.add_argument("--long", action="store_true",
-                   help="align 2x and instruct 4x the recipes' steps (about 30 minutes here): the model the world benchmark's bars ask for")
+                   help="align 2x and instruct 4x the recipes' steps (about 27 minutes here): the world benchmark's in-domain bars")
     p.add_argument("--history", action="store_true",
                    help="the history demo: 'again' / 'go back' actions, an LLM that reads earlier rounds (recipes/tiny-history)")
     p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")

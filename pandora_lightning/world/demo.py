@@ -37,8 +37,8 @@ SPLIT_TITLES = {
     "transfer": f"transfer: {TRANSFER_DOMAIN} asked to {'/'.join(TRANSFER_HELD_OUT)}, never shown there in training",
     "phrasings": "phrasings held out of training",
 }
-# `demo --long`: the recipes' own steps times these; the world benchmark's bars within about 30 minutes of
-# this 2-core CPU instead of make demo's 10 (README, "The demo model").
+# `demo --long`: the recipes' own steps times these; the world benchmark's in-domain bars, in about 27
+# minutes of this 2-core CPU instead of make demo's 10 (README, "The demo model").
 LONG = {"align": 2, "instruct": 4}
 SHARES = ("action_following", "action_following_lenient", "action_following_held_out", "temporal_object")
 # `demo --history`: episodes of 4 rounds, half of the later ones said as "again" / "go back", and
