@@ -20,3 +20,18 @@ def test_session_bench_reports_round_costs_cache_forks_and_batching(capsys):
     print_session_bench(out)
     printed = capsys.readouterr().out
     assert "cached_window_2: round 1" in printed and "batch (CPU time): 2 sessions in one call" in printed
+
+
+def test_exact_fp32_turns_tf32_off_and_restores_the_settings():
+    import torch
+
+    from pandora_lightning.bench.session import _exact_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with _exact_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

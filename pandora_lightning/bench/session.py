@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -148,9 +149,38 @@ def run_session_bench(
         out["cached_vs_uncached_max_abs"] = float((runs["cached_no_window"]["frames"] - runs["uncached_no_window"]["frames"]).abs().max())
         window_ref = run_rounds(model, rounds, window, False)
         out["cached_vs_uncached_window_max_abs"] = float((runs[f"cached_window_{window}"]["frames"] - window_ref["frames"]).abs().max())
+        if _device(model).type == "cuda":
+            with _exact_fp32():
+                out["exact_fp32"] = {
+                    "cached_vs_uncached_max_abs": _max_abs(model, rounds, 0),
+                    "cached_vs_uncached_window_max_abs": _max_abs(model, rounds, window),
+                }
         out["fork"] = _fork_check(model)
         out["batch"] = _batch_bench(model, batch, batch_rounds)
     return out
+
+
+def _device(model: WorldModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_abs(model: WorldModel, rounds: int, window: int) -> float:
+    cached, uncached = (run_rounds(model, rounds, window, cache)["frames"] for cache in (True, False))
+    return float((cached - uncached).abs().max())
+
+
+@contextmanager
+def _exact_fp32():
+    """fp32 convolutions and matrix products without TF32. PyTorch lets cuDNN convolutions round their
+    inputs to TF32 (10-bit mantissa) by default: two computations of the same round that differ in the
+    last bit (a cached and an uncached attention, different kernels) can then round a UNet input apart
+    by ~1e-3, and the 10 denoising steps of 16 rounds carry that on."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _device_name(model: WorldModel) -> str:
@@ -226,6 +256,10 @@ def print_session_bench(out: dict) -> None:
               f"memory {r['memory_mb_per_round'][0]} -> {r['memory_mb_per_round'][-1]} MB")
     print(f"cached vs uncached frames, max abs: {out['cached_vs_uncached_max_abs']:.2e} (no window), "
           f"{out['cached_vs_uncached_window_max_abs']:.2e} (window)")
+    if "exact_fp32" in out:
+        e = out["exact_fp32"]
+        print(f"the same without TF32 (torch.backends.cudnn.allow_tf32 = False): {e['cached_vs_uncached_max_abs']:.2e} "
+              f"(no window), {e['cached_vs_uncached_window_max_abs']:.2e} (window)")
     print(f"fork: {out['fork']}")
     b = out["batch"]
     for clock, what in (("", "wall"), ("cpu_", "CPU time")):
