@@ -75,6 +75,21 @@ def test_multi_round_windows_give_one_text_per_round():
         ExampleDecoder("caption", 6, 2, BadSampleCounter(), rounds=2)
 
 
+def test_windows_open_on_a_reference_only_when_asked():
+    sample = _history_sample()  # its round 2 refers to round 1
+    references = {s["text"]: s["resolved_text"] for s in sample["meta"]["actions"] if s.get("refers")}
+
+    def openings(open_on_reference: bool) -> list[tuple[str, str]]:
+        decoder = ExampleDecoder("action", 6, 2, BadSampleCounter(), rounds=2, open_on_reference=open_on_reference)
+        examples = [decoder(sample, random.Random(seed)) for seed in range(40)]
+        return [(e["text"][0], e["teacher_text"][0]) for e in examples]
+
+    assert not any(text in references for text, _ in openings(False))
+    opened = [(text, teacher) for text, teacher in openings(True) if text in references]
+    # a window that opens on 'again' / 'go back' is taught what it resolves to: only its frames can tell
+    assert opened and all(teacher == references[text] for text, teacher in opened)
+
+
 def test_action_following_scores_history_rounds_against_the_resolved_action():
     sample = _history_sample()
     video = torch.from_numpy(sample["frames"]).permute(0, 3, 1, 2)[None]

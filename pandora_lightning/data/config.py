@@ -27,6 +27,10 @@ class DataConfig:
     # Consecutive rounds per training example (multi-round windows, so an LLM with history learns
     # to read earlier rounds; needs action texts); 1 = one round per example.
     rounds: int = 1
+    # Multi-round windows may open on an action that refers to one before the window ("again" as the
+    # first round): its own words cannot say what it means, the given frames (the last round's motion)
+    # can. False: every window opens on an action said plainly, so every reference resolves in its text.
+    open_on_reference: bool = False
     # Train from the frozen encoders' outputs stored by `pandora-lightning shards encode` (the manifest
     # it writes): the vision tower, the VAE (and image encoder) and the teacher text encoder are then
     # not built on the device. Refused when the manifest was encoded by other encoders, at another

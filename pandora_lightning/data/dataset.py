@@ -127,13 +127,14 @@ class ExampleDecoder:
 
     def __init__(
         self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter | None = None,
-        size: tuple[int, int] | None = None, rounds: int = 1,
+        size: tuple[int, int] | None = None, rounds: int = 1, open_on_reference: bool = False,
     ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"text kind '{kind}' is unknown; use one of {TEXT_KINDS}")
         if rounds < 1 or (rounds > 1 and kind != "action"):
             raise ValueError(f"data.rounds={rounds}: multi-round windows need action texts (and rounds >= 1)")
         self.kind, self.frames, self.cond_frames, self.size, self.rounds = kind, frames, cond_frames, size, rounds
+        self.open_on_reference = open_on_reference
         self.counter = counter if counter is not None else BadSampleCounter(log_each=True)
 
     @property
@@ -152,8 +153,9 @@ class ExampleDecoder:
         if self.rounds == 1:
             span = rng.choice(spans)
             return max(0, span["start"] - self.cond_frames), span["text"], span.get("resolved_text", span["text"])
-        # A window opens on an action that does not refer to one before the window.
-        first = [a for a in spans[: max(1, len(spans) - self.rounds + 1)] if not a.get("refers")] or spans[:1]
+        # A window opens on an action that does not refer to one before the window, unless open_on_reference.
+        first = [a for a in spans[: max(1, len(spans) - self.rounds + 1)] if self.open_on_reference or not a.get("refers")]
+        first = first or spans[:1]
         start = max(0, rng.choice(first)["start"] - self.cond_frames)
         texts, teacher = [], []
         for r in range(self.rounds):

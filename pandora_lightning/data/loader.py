@@ -199,6 +199,7 @@ def training_loader(
         seed=seed,
         allow_commands=manifest.allow_commands,
         rounds=data.rounds,
+        open_on_reference=data.open_on_reference,
         encoded=data.precomputed,
         needs_frames=manifest.encoding.needs_frames if manifest.encoding is not None else True,
     )

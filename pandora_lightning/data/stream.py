@@ -65,6 +65,7 @@ class StreamConfig:
     seed: int
     allow_commands: bool = False  # the user's opt-in to pipe:/URL shard sources (data.allow_commands)
     rounds: int = 1  # > 1: multi-round windows (see ExampleDecoder)
+    open_on_reference: bool = False  # a window may open on "again" / "go back" (see ExampleDecoder)
     encoded: bool = False  # read the precomputed inputs of `shards encode` (data.precomputed)
     needs_frames: bool = True  # with `encoded`: also decode the window's pixels (a generator without a VAE)
 
@@ -170,7 +171,8 @@ class ShardStream(IterableDataset):
         if cfg.encoded:
             decoder = EncodedExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.needs_frames)
         else:
-            decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds)
+            decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds,
+                                     cfg.open_on_reference)
         reported = (0, 0)
         examples, streak = [], 0
         for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block)):
