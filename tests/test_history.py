@@ -169,6 +169,6 @@ def test_fit_warns_when_the_window_reads_farther_back_than_training(caplog):
     assert not warn_window_beyond_training(load_recipe(history))  # the window it trains
     assert not warn_window_beyond_training(load_recipe(root / "recipes/tiny/instruct.yaml"))  # no history
     with caplog.at_level("WARNING"):
-        assert warn_window_beyond_training(load_recipe(history, ["model.llm.history_rounds=4"]))
-    assert "data.rounds=3 trains windows of 3" in caplog.text and "set model.llm.history_rounds=3" in caplog.text
+        assert warn_window_beyond_training(load_recipe(history, ["model.llm.history_rounds=5"]))
+    assert "data.rounds=4 trains windows of 4" in caplog.text and "set model.llm.history_rounds=4" in caplog.text
     assert warn_window_beyond_training(load_recipe(history, ["model.llm.history_rounds=0"]))  # every round
