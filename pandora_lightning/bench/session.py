@@ -50,8 +50,12 @@ def bench_model(checkpoint: str | None = None, device: str | torch.device = "cpu
     return model.to(device)
 
 
+def _device(model: WorldModel) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _sync(model: WorldModel) -> None:
-    device = next(model.parameters()).device
+    device = _device(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -80,7 +84,7 @@ class _SamplerClock:
 
 
 def _memory_mb(model: WorldModel) -> float:
-    device = next(model.parameters()).device
+    device = _device(model)
     if device.type == "cuda":
         return round(torch.cuda.memory_allocated(device) / 2**20, 2)
     return round(_rss_mb(), 1)
@@ -88,7 +92,7 @@ def _memory_mb(model: WorldModel) -> float:
 
 def _one_session(model: WorldModel, rounds: int, window: int, cache: bool, seed: int) -> dict:
     start = torch.rand(3, *model.cfg.generator.size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    s = Session(model, start.to(next(model.parameters()).device), seed=seed, window=window, cache=cache)
+    s = Session(model, start.to(_device(model)), seed=seed, window=window, cache=cache)
     wall, cpu, llm, cache_bytes, memory = [], [], [], [], []
     with _SamplerClock(model) as clock:
         for r in range(rounds):
@@ -160,10 +164,6 @@ def run_session_bench(
     return out
 
 
-def _device(model: WorldModel) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _max_abs(model: WorldModel, rounds: int, window: int) -> float:
     cached, uncached = (run_rounds(model, rounds, window, cache)["frames"] for cache in (True, False))
     return float((cached - uncached).abs().max())
@@ -184,7 +184,7 @@ def _exact_fp32():
 
 
 def _device_name(model: WorldModel) -> str:
-    device = next(model.parameters()).device
+    device = _device(model)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu, {torch.get_num_threads()} threads"
@@ -192,7 +192,7 @@ def _device_name(model: WorldModel) -> str:
 
 def _fork_check(model: WorldModel) -> dict:
     start = torch.rand(3, *model.cfg.generator.size, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    start = start.to(next(model.parameters()).device)
+    start = start.to(_device(model))
     parent = Session(model, start, seed=1)
     for a in ACTIONS[:6]:
         parent.step(a)
@@ -209,7 +209,7 @@ def _fork_check(model: WorldModel) -> dict:
 
 
 def _batch_bench(model: WorldModel, batch: int, rounds: int) -> dict:
-    device = next(model.parameters()).device
+    device = _device(model)
     starts = [(torch.rand(3, *model.cfg.generator.size, generator=torch.Generator().manual_seed(i)) * 2 - 1).to(device)
               for i in range(batch)]
 
