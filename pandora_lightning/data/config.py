@@ -30,6 +30,7 @@ class DataConfig:
     # Multi-round windows may open on an action that refers to one before the window ("again" as the
     # first round): its own words cannot say what it means, the given frames (the last round's motion)
     # can. False: every window opens on an action said plainly, so every reference resolves in its text.
+    # Only for rounds > 1: a one-round example is any action, references included.
     open_on_reference: bool = False
     # Train from the frozen encoders' outputs stored by `pandora-lightning shards encode` (the manifest
     # it writes): the vision tower, the VAE (and image encoder) and the teacher text encoder are then
