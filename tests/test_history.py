@@ -144,12 +144,26 @@ def history_manifest(tmp_path_factory) -> Path:
     return Path(write_manifest(out / "world.yaml", "world", out / "shards", records).path)
 
 
-def test_multi_round_fit_with_history_trains_and_rolls_out(history_manifest, tmp_path):
+@pytest.mark.parametrize("answer", [False, True], ids=["history", "history+answer"])
+def test_multi_round_fit_with_history_trains_and_rolls_out(history_manifest, tmp_path, answer):
+    extra = ["model.llm.previous_answer=true",
+             "trainable=[input_adapter.*,llm.query_tokens,llm.model.model.*,output_adapter.*,answer_adapter.*,generator.unet.*,text_encoder.*]"]
     recipe = tiny_recipe("align", history_manifest, tmp_path / "align", "data.rounds=3", "model.llm.history_rounds=0",
-                         "vocabulary=null")
+                         "vocabulary=null", *(extra if answer else []))
     checkpoint = fit(recipe)
-    model = load_stage(checkpoint).model
-    assert model.history_rounds == 0
+    stage = load_stage(checkpoint)
+    model = stage.model
+    assert model.history_rounds == 0 and model.reads_answer == answer
+    if answer:  # the answer adapter trained with the rest, and export writes it beside the other adapters
+        assert "answer_adapter.weight" in stage.trainable_names
+        from safetensors.torch import load_file
+
+        from pandora_lightning.training.export import export_checkpoint
+
+        out = export_checkpoint(checkpoint, tmp_path / "export")
+        written = load_file(out / "pandora" / "answer_adapter.safetensors")
+        assert torch.equal(written["weight"], model.answer_adapter.weight.float())
+        assert "answer_adapter" in json.loads((out / "export.json").read_text())["parts"]
     losses = (tmp_path / "align" / "logs" / "metrics.csv").read_text()
     assert "train/distill" in losses
     from pandora_lightning.inference.session import Session
@@ -158,6 +172,7 @@ def test_multi_round_fit_with_history_trains_and_rolls_out(history_manifest, tmp
     s.step("move left")
     s.step("again")
     assert s.frames.shape[0] == 2 + 2 * 4 and len(s.history) == 2
+    assert all((r.answer is not None) == answer for r in s.records)
 
 
 def test_fit_warns_when_the_window_reads_farther_back_than_training(caplog):

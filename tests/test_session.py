@@ -13,21 +13,26 @@ from pandora_lightning.models.world_model import WorldModel, WorldModelConfig
 WORDS = ["move left", "move right", "grow", "shrink", "again", "go back", "now move up a bit"]
 
 
-def tiny_model(history_rounds: int = 0, steps: int = 2) -> WorldModel:
+def tiny_model(history_rounds: int = 0, steps: int = 2, previous_answer: bool = False) -> WorldModel:
     torch.manual_seed(0)
     cfg = WorldModelConfig()
     cfg.llm.history_rounds = history_rounds
+    cfg.llm.previous_answer = previous_answer
     cfg.generator.num_inference_steps = steps
     model = WorldModel(cfg, WORDS).eval()
     # The zero-initialised parts would hide the frames and the queries from the LLM.
     torch.nn.init.normal_(model.input_adapter.proj[-1].weight, std=0.2)
     torch.nn.init.normal_(model.llm.query_tokens, std=0.5)
+    if previous_answer:  # a previous answer as large as the other tokens
+        torch.nn.init.normal_(model.answer_adapter.weight, std=1.0)
     return model
 
 
-@pytest.fixture(scope="module")
-def model() -> WorldModel:
-    return tiny_model()
+# Every session test runs on a model whose rounds read earlier rounds only, and on one whose rounds
+# also read the previous round's answer (llm.previous_answer).
+@pytest.fixture(scope="module", params=[False, True], ids=["history", "history+answer"])
+def model(request) -> WorldModel:
+    return tiny_model(previous_answer=request.param)
 
 
 def start_frame(seed: int = 0) -> torch.Tensor:
@@ -66,6 +71,42 @@ def test_history_reaches_the_last_round_only_within_the_window(model):
 
         assert (last("move left", 0) - last("grow", 0)).abs().max() > 1e-3
         assert (last("move left", 1) - last("grow", 1)).abs().max() < 1e-5  # float noise only
+
+
+def test_training_reads_a_window_as_a_session_plays_it():
+    """With llm.previous_answer, training's round_contexts on a session's own frames gives the session's
+    contexts, and the previous answer reaches the next round even where the window holds no earlier round."""
+    model = tiny_model(history_rounds=2, previous_answer=True)
+    actions = ["move left", "again", "grow", "go back", "shrink"]
+    s = Session(model, start_frame(), seed=5)
+    for action in actions:
+        s.step(action)
+    with torch.no_grad():
+        trained = model.round_contexts(s.frames[None], [[a] for a in actions])[0]
+        played = torch.stack([r.answer for r in s.records])
+        assert (trained - played).abs().max() < 1e-5
+        states = torch.randn(1, model.cond_frames * 4, model.llm.hidden_size).expand(2, -1, -1)  # one state, two answers
+        answers = model.answer_tokens(torch.randn(2, *played.shape[1:]), 2)
+        alike = model.answer_tokens(torch.stack([played[0], played[0]]), 2)
+        queries, _ = model.llm.step(states, ["again", "again"], [(), ()], [0, 0], answers)
+        same, _ = model.llm.step(states, ["again", "again"], [(), ()], [0, 0], alike)
+    assert (queries[0] - queries[1]).abs().max() > 1e-3  # another answer, another reading
+    assert (same[0] - same[1]).abs().max() < 1e-5
+
+
+def test_previous_answer_needs_history_and_multi_round_training():
+    from pathlib import Path
+
+    from pandora_lightning.models.llm import LLMConfig
+
+    with pytest.raises(PandoraError, match="history_rounds=1 reads no earlier round"):
+        LLMConfig(history_rounds=1, previous_answer=True)
+
+    from pandora_lightning.recipe import load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/tiny-history/instruct.yaml"
+    with pytest.raises(Exception, match="set data.rounds to 2 or more"):
+        load_recipe(recipe, ["model.llm.previous_answer=true", "data.rounds=1"])
 
 
 def test_a_fork_shares_the_past_and_continues_exactly(model):

@@ -32,6 +32,7 @@ class Round:
     clip: torch.Tensor  # (F, 3, H, W): the frames it generated
     rng_state: torch.Tensor  # the session's noise generator after the round
     tokens: int  # real LLM tokens the round added (positions of later rounds count on from here)
+    answer: torch.Tensor | None = None  # (N, Dctx): the round's generator context, which the next round reads (llm.previous_answer)
 
 
 class Session:
@@ -193,7 +194,7 @@ def _step_group(model: WorldModel, sessions: list[Session], actions: list[str], 
     given = torch.stack([s.given() for s in sessions])
     guided = model.generator.needs_uncond_context
     tokens = None
-    if window == 1:  # no history: each round on its own (exactly the single-round model)
+    if window == 1 and not model.reads_answer:  # no history: each round on its own (exactly the single-round model)
         if guided:
             context, uncond = model.context(torch.cat([given, given]), [*actions, *[""] * len(actions)]).chunk(2)
         else:
@@ -207,7 +208,8 @@ def _step_group(model: WorldModel, sessions: list[Session], actions: list[str], 
     for i, (s, action) in enumerate(zip(sessions, actions)):
         clip = clips[i, model.cond_frames :]
         added = tokens[i] if tokens is not None else 0
-        s.records = [*s.records, Round(action, given[i], clip, s.rng.get_state(), added)]
+        answer = context[i] if model.reads_answer else None
+        s.records = [*s.records, Round(action, given[i], clip, s.rng.get_state(), added, answer)]
         s.fresh = clip[-min(model.new_frames, model.cond_frames) :]
         out.append(clip)
     return out
@@ -228,16 +230,29 @@ def _encode_fresh(model: WorldModel, sessions: list[Session]) -> None:
         s.fresh = None
 
 
+def _answers(model: WorldModel, records: list[list[Round]]) -> torch.Tensor | None:
+    """Each sequence's previous-answer token (B, Dllm) from its last round (None: the model reads no answer)."""
+    if not model.reads_answer:
+        return None
+    last = [r[-1].answer if r else None for r in records]
+    zero = next((a for a in last if a is not None), None)
+    if zero is None:
+        return model.answer_tokens(None, len(records))
+    return model.answer_tokens(torch.stack([zero.new_zeros(zero.shape) if a is None else a for a in last]), len(records))
+
+
 def _cached_contexts(model: WorldModel, sessions: list[Session], actions: list[str], window: int, guided: bool):
     _encode_fresh(model, sessions)
     states = torch.stack([s.tokens.flatten(0, 1) for s in sessions])
     histories = [s.history for s in sessions]
     positions = [sum(r.tokens for r in s.records) for s in sessions]
+    answers = _answers(model, [s.records for s in sessions])
     texts = list(actions)
     if guided:  # the empty text on the same history, in the same batch; its keys are not kept
         states, histories, positions = torch.cat([states, states]), histories * 2, positions * 2
+        answers = None if answers is None else torch.cat([answers, answers])
         texts += [""] * len(actions)
-    queries, new = model.llm.step(states, texts, histories, positions)
+    queries, new = model.llm.step(states, texts, histories, positions, answers)
     for s, rc in zip(sessions, new):
         s.history = trim((*s.history, rc), window)
     contexts = model.output_adapter(queries)
@@ -252,9 +267,12 @@ def _uncached_contexts(model: WorldModel, sessions: list[Session], actions: list
         givens = torch.stack([*(r.given for r in s.records), s.given()])
         states = model.state_tokens(givens).flatten(1, 2)[None]
         past = [[r.action] for r in s.records]
+        answers = None
+        if model.reads_answer:
+            answers = torch.cat([_answers(model, [s.records[:i]]) for i in range(len(s.records) + 1)])[None]
         variants = [[*past, [action]], *([[*past, [""]]] if guided else [])]
         for texts, out in zip(variants, (contexts, unconds)):
-            out.append(model.output_adapter(model.llm.read_rounds(states, texts, window)[0, -1:])[0])
+            out.append(model.output_adapter(model.llm.read_rounds(states, texts, window, answers)[0, -1:])[0])
     return torch.stack(contexts), torch.stack(unconds) if guided else None
 
 
@@ -262,9 +280,10 @@ def _replay(model: WorldModel, s: Session) -> None:
     """Rebuild a fork's cache from its rounds: the LLM reads them one by one as the parent did (no frames rendered)."""
     s.history, s.tokens, s.fresh = (), None, s.start
     position = 0
-    for r in s.records:
+    for i, r in enumerate(s.records):
         _encode_fresh(model, [s])
-        _, (rc,) = model.llm.step(s.tokens.flatten(0, 1)[None], [r.action], [s.history], [position])
+        answers = _answers(model, [s.records[:i]])
+        _, (rc,) = model.llm.step(s.tokens.flatten(0, 1)[None], [r.action], [s.history], [position], answers)
         position += rc.tokens
         s.history = trim((*s.history, rc), s.window)
         s.fresh = r.clip[-min(model.new_frames, model.cond_frames) :]

@@ -30,6 +30,11 @@ class LLMConfig:
     # Rounds of context a round's tokens read: their own and history_rounds - 1 before it (see
     # models/history.py). 1 = no history: every round on its own, as a single-round model; 0 = all.
     history_rounds: int = 1
+    # Each round's segment opens with one token made from the previous round's answer (its generator
+    # context; WorldModel.answer_adapter), so "again" / "go back" resolve against the round just before,
+    # however long the chain of references and whatever the window holds. Needs history (history_rounds
+    # != 1); training then reads a window's rounds one after another, as a session does.
+    previous_answer: bool = False
 
     def __post_init__(self):
         if self.initializer_range is None:
@@ -40,6 +45,9 @@ class LLMConfig:
             raise PandoraError("llm.num_query_tokens and llm.max_text_tokens must be >= 1")
         if self.history_rounds < 0:
             raise PandoraError(f"llm.history_rounds={self.history_rounds} must be >= 0 (1 = no history, 0 = every round)")
+        if self.previous_answer and self.history_rounds == 1:
+            raise PandoraError("llm.previous_answer reads the round before, but llm.history_rounds=1 reads no earlier "
+                               "round; set llm.history_rounds to 2 or more (0 = all) or llm.previous_answer=false")
 
 
 def _from_dir(path: str, load: LoadOptions) -> tuple[nn.Module, object]:
@@ -109,11 +117,17 @@ class LLMBackbone(nn.Module):
         )
         return enc.input_ids.to(device), enc.attention_mask.to(device)
 
-    def segment(self, state_embeds: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One round: (B, V, D) state + B texts -> [state, text, queries] embeddings (B, L, D) and mask (B, L)."""
-        b, v, _ = state_embeds.shape
+    def segment(
+        self, state_embeds: torch.Tensor, texts: list[str], answers: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round: (B, V, D) state + B texts -> [answer, state, text, queries] embeddings (B, L, D) and mask (B, L).
+
+        answers (B, D): the previous round's answer as one token (llm.previous_answer); None: no such token."""
         ids, text_mask = self.tokenize(texts, state_embeds.device)
         embed = self.model.get_input_embeddings()
+        if answers is not None:
+            state_embeds = torch.cat([answers.to(state_embeds.dtype)[:, None], state_embeds], dim=1)
+        b, v, _ = state_embeds.shape
         queries = self.query_tokens.to(state_embeds.dtype).expand(b, -1, -1)
         seq = torch.cat([state_embeds, embed(ids).to(state_embeds.dtype), queries], dim=1)
         ones = text_mask.new_ones
@@ -132,15 +146,17 @@ class LLMBackbone(nn.Module):
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         return self._read(seq, mask, positions).hidden_states[-1][:, -self.cfg.num_query_tokens :]
 
-    def read_rounds(self, states: torch.Tensor, texts: list[list[str]], window: int | None = None) -> torch.Tensor:
+    def read_rounds(
+        self, states: torch.Tensor, texts: list[list[str]], window: int | None = None, answers: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """All rounds at once: states (B, R, V, D), texts[r][b] -> query states (B, R, Q, D).
 
         Round r's tokens read rounds r - window + 1 .. r (window: llm.history_rounds by default).
         This is how training reads a multi-round window and how a session without a cache reads its
-        whole history every round.
+        whole history every round. answers (B, R, D): each round's previous-answer token.
         """
         window = self.cfg.history_rounds if window is None else window
-        segments = [self.segment(states[:, r], texts[r]) for r in range(states.shape[1])]
+        segments = [self.segment(states[:, r], texts[r], None if answers is None else answers[:, r]) for r in range(states.shape[1])]
         seq = torch.cat([s for s, _ in segments], dim=1)
         mask = torch.cat([m for _, m in segments], dim=1)
         ends = torch.tensor([s.shape[1] for s, _ in segments]).cumsum(0).tolist()
@@ -151,15 +167,17 @@ class LLMBackbone(nn.Module):
         return torch.stack([hidden[:, end - q : end] for end in ends], dim=1)
 
     def step(
-        self, state_embeds: torch.Tensor, texts: list[str], histories: list[tuple[RoundCache, ...]], positions: list[int]
+        self, state_embeds: torch.Tensor, texts: list[str], histories: list[tuple[RoundCache, ...]], positions: list[int],
+        answers: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RoundCache]]:
         """One new round of B sequences, each on its own cached rounds: only the new segment is encoded.
 
         state_embeds (B, V, D); histories[b]: the rounds sequence b may read (already windowed);
-        positions[b]: the position of its first new token (real tokens so far, dropped rounds included).
+        positions[b]: the position of its first new token (real tokens so far, dropped rounds included);
+        answers (B, D): the previous-answer tokens (llm.previous_answer).
         Returns the query states (B, Q, D) and each sequence's new RoundCache.
         """
-        seq, mask = self.segment(state_embeds, texts)
+        seq, mask = self.segment(state_embeds, texts, answers)
         cache, past = merge(histories, self.model.config)
         start = torch.tensor(positions, device=seq.device)[:, None]
         full = torch.cat([past.to(mask), mask], dim=1)

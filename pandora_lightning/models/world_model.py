@@ -10,6 +10,7 @@ from torch import nn
 
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.models.generator import GeneratorConfig, build_generator
+from pandora_lightning.models.history import RoundCache, trim
 from pandora_lightning.models.input_adapter import InputAdapter, InputAdapterConfig
 from pandora_lightning.models.llm import LLMBackbone, LLMConfig
 from pandora_lightning.models.loading import LoadOptions
@@ -75,6 +76,8 @@ class WorldModel(nn.Module):
         self._check_context(cfg)
         with load.device():
             self.output_adapter = OutputAdapter(cfg.output_adapter, self.llm.hidden_size, self.generator.context_dim)
+            # The previous round's answer (its generator context, mean over tokens) -> one LLM input token.
+            self.answer_adapter = nn.Linear(self.generator.context_dim, self.llm.hidden_size) if cfg.llm.previous_answer else None
         self.text_encoder = None
         if cfg.text_encoder.enabled:
             self.text_encoder = self._teacher(cfg, shape_only)
@@ -186,6 +189,11 @@ class WorldModel(nn.Module):
         return self.cfg.generator.frames - self.cfg.generator.cond_frames
 
     @property
+    def reads_answer(self) -> bool:
+        """Whether each round reads the previous round's answer (llm.previous_answer)."""
+        return self.answer_adapter is not None
+
+    @property
     def history_rounds(self) -> int:
         """Rounds the LLM reads (1 = none before the current one, 0 = all); see models/history.py."""
         return self.cfg.llm.history_rounds
@@ -196,17 +204,41 @@ class WorldModel(nn.Module):
         patches = self.vision(frames.flatten(0, 1))
         return self.input_adapter(patches.unflatten(0, (b, t))).unflatten(1, (t, -1))
 
+    def answer_tokens(self, previous: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The previous round's answers (B, N, Dctx) as one LLM input token each (B, Dllm); None without
+        llm.previous_answer. previous None (no round before): the token of an all-zero answer."""
+        if self.answer_adapter is None:
+            return None
+        if previous is None:
+            weight = self.answer_adapter.weight
+            previous = weight.new_zeros(batch, 1, weight.shape[1])
+        return self.answer_adapter(previous.mean(1).to(self.answer_adapter.weight.dtype))
+
     def round_contexts(self, frames: torch.Tensor, texts: list[list[str]], window: int | None = None) -> torch.Tensor:
         """A multi-round window: frames (B, Tc + R * F, 3, H, W), texts[r][b] -> contexts (B, R, N, Dctx).
 
         Round r is conditioned on frames [r * F, r * F + Tc) and reads the rounds before it through
-        the LLM (teacher forcing: the frames are the real ones). Each frame is encoded once.
+        the LLM (teacher forcing: the frames are the real ones). Each frame is encoded once. With
+        llm.previous_answer round r also reads round r - 1's answer, so the rounds run one after
+        another through the key/value cache, as a session runs them (the first reads no answer).
         """
         tc, f, r = self.cond_frames, self.new_frames, len(texts)
         tokens = self.state_tokens(frames[:, : (r - 1) * f + tc])
         states = torch.stack([tokens[:, i * f : i * f + tc].flatten(1, 2) for i in range(r)], dim=1)
-        queries = self.llm.read_rounds(states, texts, window)
-        return self.output_adapter(queries.flatten(0, 1)).unflatten(0, (frames.shape[0], r))
+        if self.answer_adapter is None:
+            queries = self.llm.read_rounds(states, texts, window)
+            return self.output_adapter(queries.flatten(0, 1)).unflatten(0, (frames.shape[0], r))
+        window = self.history_rounds if window is None else window
+        b = frames.shape[0]
+        histories: list[tuple[RoundCache, ...]] = [()] * b
+        positions, answer, out = [0] * b, None, []
+        for i in range(r):
+            queries, new = self.llm.step(states[:, i], texts[i], histories, positions, self.answer_tokens(answer, b))
+            histories = [trim((*h, rc), window) for h, rc in zip(histories, new)]
+            positions = [p + rc.tokens for p, rc in zip(positions, new)]
+            answer = self.output_adapter(queries)
+            out.append(answer)
+        return torch.stack(out, dim=1)
 
     def vision_features(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T, gh, gw, Dv): the frozen vision tower's patch features of every frame."""

@@ -9,7 +9,7 @@
                               copied unchanged from the generator's pretrained folder
     DIR/lora/<name>/          each LoRA adapter, one peft folder per component (PeftModel.from_pretrained
                               on the part above opens it); absent with `merge`
-    DIR/pandora/              the project's own parts: input_adapter, output_adapter, query_tokens
+    DIR/pandora/              the project's own parts: input_adapter, output_adapter, query_tokens (answer_adapter)
                               (.safetensors) + config.json (their configs and sizes)
 
 The base weights are the checkpoint's: a pretrained folder's tensors plus whatever training changed
@@ -246,6 +246,14 @@ def _export_own(model: nn.Module, out: Path) -> dict:
     save_file({"query_tokens": model.llm.query_tokens.detach().float().contiguous()}, folder / "query_tokens.safetensors")
     parts["query_tokens"] = {"path": "pandora/query_tokens.safetensors", "shape": list(model.llm.query_tokens.shape), "dtype": "float32",
                              "use": "appended after the action text's embeddings; the LLM's last hidden states there feed the output adapter"}
+    if model.answer_adapter is not None:  # llm.previous_answer
+        weights = {k: v.detach().float().contiguous() for k, v in model.answer_adapter.state_dict().items()}
+        save_file(weights, folder / "answer_adapter.safetensors")
+        parts["answer_adapter"] = {
+            "path": "pandora/answer_adapter.safetensors", "class": "torch.nn.Linear", "dtype": "float32",
+            "shape": list(model.answer_adapter.weight.shape),
+            "use": "the previous round's generator context, mean over its tokens -> one LLM input token, put first in "
+                   "the next round's segment (llm.previous_answer)"}
     cfg = model.cfg
     config = {
         "input_adapter": {"config": asdict(cfg.input_adapter), "in_dim": model.vision.hidden_size, "out_dim": model.llm.hidden_size},

@@ -167,6 +167,11 @@ class TrainingRecipe:
                 f"loss.context={self.loss.context} with loss.distill_weight={self.loss.distill_weight} needs the "
                 f"generator's text encoder: set model.text_encoder.enabled=true"
             )
+        if self.model.llm.previous_answer and self.data.rounds < 2:
+            raise ValueError(
+                "model.llm.previous_answer: each round reads the round before's answer, which only multi-round windows "
+                f"train; set data.rounds to 2 or more (it is {self.data.rounds})"
+            )
 
 
 def training_recipe_from_dict(data: dict) -> TrainingRecipe:
