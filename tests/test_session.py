@@ -94,6 +94,27 @@ def test_training_reads_a_window_as_a_session_plays_it():
     assert (same[0] - same[1]).abs().max() < 1e-5
 
 
+def test_training_with_activation_checkpointing_reads_the_same_rounds():
+    """Checkpointing turns the transformers cache off: training then re-reads each round's window (same
+    contexts, same gradients)."""
+    from pandora_lightning.training.parallel import apply_activation_checkpointing
+
+    frames = torch.rand(2, 2 + 4 * 4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    texts = [["move left", "grow"], ["again", "again"], ["go back", "shrink"], ["again", "move right"]]
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_model(history_rounds=3, previous_answer=True).train()
+        if checkpointing:
+            assert "llm.model" in apply_activation_checkpointing(model, ["llm"])
+        contexts = model.round_contexts(frames, texts)
+        contexts.square().mean().backward()
+        runs.append((contexts.detach(), model.answer_adapter.weight.grad, model.llm.query_tokens.grad))
+    (cached, *grads), (reread, *regrads) = runs
+    assert (cached - reread).abs().max() < 1e-5
+    for g, r in zip(grads, regrads):
+        assert g.abs().max() > 0 and (g - r).norm() < 1e-2 * g.norm()  # float rounding of the other order
+
+
 def test_previous_answer_needs_history_and_multi_round_training():
     from pathlib import Path
 

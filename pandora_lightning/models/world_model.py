@@ -230,14 +230,23 @@ class WorldModel(nn.Module):
             return self.output_adapter(queries.flatten(0, 1)).unflatten(0, (frames.shape[0], r))
         window = self.history_rounds if window is None else window
         b = frames.shape[0]
+        # Each segment is encoded once, against the cache. An LLM that recomputes its activations in backward
+        # (activation checkpointing, which turns the transformers cache off) re-reads every round so far with
+        # the banded mask instead, as a session without a cache does: the same model up to float rounding, at
+        # (R + 1) / 2 times the LLM's cost for windows of R rounds.
+        recompute = self.training and getattr(self.llm.model, "is_activation_checkpointing", False)
         histories: list[tuple[RoundCache, ...]] = [()] * b
-        positions, answer, out = [0] * b, None, []
+        positions, answers, out = [0] * b, [], []
         for i in range(r):
-            queries, new = self.llm.step(states[:, i], texts[i], histories, positions, self.answer_tokens(answer, b))
-            histories = [trim((*h, rc), window) for h, rc in zip(histories, new)]
-            positions = [p + rc.tokens for p, rc in zip(positions, new)]
-            answer = self.output_adapter(queries)
-            out.append(answer)
+            answers.append(self.answer_tokens(out[-1] if out else None, b))
+            if recompute:
+                read = torch.stack(answers, dim=1)
+                queries = self.llm.read_rounds(states[:, : i + 1], texts[: i + 1], window, read)[:, -1]
+            else:
+                queries, new = self.llm.step(states[:, i], texts[i], histories, positions, answers[-1])
+                histories = [trim((*h, rc), window) for h, rc in zip(histories, new)]
+                positions = [p + rc.tokens for p, rc in zip(positions, new)]
+            out.append(self.output_adapter(queries))
         return torch.stack(out, dim=1)
 
     def vision_features(self, frames: torch.Tensor) -> torch.Tensor:
