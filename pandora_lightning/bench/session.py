@@ -7,7 +7,7 @@
 - cached vs uncached frames (max abs difference) and fork equality;
 - throughput of 8 sessions stepped in one batch vs one session, same rounds, beside the
   generator's own batch scaling (its `sample` alone at batch 8 vs 1: the most batching can give).
-A checkpoint is used when given; otherwise a tiny random model with history (untrained weights
+A checkpoint is used when given; otherwise a tiny random model with history and the previous answer (untrained weights
 cost the same). Per-round times are medians over `repeats` sessions, and on the CPU each round's
 process CPU time is measured beside its wall time: on a shared machine the wall time of the same
 work varies by +-10% from round to round, more than the effect measured, while the CPU time this
@@ -43,10 +43,12 @@ def bench_model(checkpoint: str | None = None, device: str | torch.device = "cpu
     torch.manual_seed(0)
     cfg = WorldModelConfig()
     cfg.llm.history_rounds = 0
+    cfg.llm.previous_answer = True  # as recipes/tiny-history
     cfg.generator.num_inference_steps = steps
     model = WorldModel(cfg, ACTIONS).eval()
     torch.nn.init.normal_(model.input_adapter.proj[-1].weight, std=0.2)  # zero-initialised: would hide the frames
     torch.nn.init.normal_(model.llm.query_tokens, std=0.5)
+    torch.nn.init.normal_(model.answer_adapter.weight, std=1.0)  # an answer token as large as the others
     return model.to(device)
 
 

@@ -235,10 +235,11 @@ def _answers(model: WorldModel, records: list[list[Round]]) -> torch.Tensor | No
     if not model.reads_answer:
         return None
     last = [r[-1].answer if r else None for r in records]
-    zero = next((a for a in last if a is not None), None)
-    if zero is None:
+    some = next((a for a in last if a is not None), None)
+    if some is None:  # no sequence has a round yet
         return model.answer_tokens(None, len(records))
-    return model.answer_tokens(torch.stack([zero.new_zeros(zero.shape) if a is None else a for a in last]), len(records))
+    # a sequence without a round reads the all-zero answer, as answer_tokens(None) gives it
+    return model.answer_tokens(torch.stack([torch.zeros_like(some) if a is None else a for a in last]), len(records))
 
 
 def _cached_contexts(model: WorldModel, sessions: list[Session], actions: list[str], window: int, guided: bool):
