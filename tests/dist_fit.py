@@ -65,7 +65,19 @@ def free_port() -> int:
 
 
 def launch(n: int, out: Path, recipe: str, *overrides: str, signal_at: int = 0, timeout: float = 600) -> list[str]:
-    """Run `n` ranks of this driver to completion; returns their outputs (raises if one failed)."""
+    """Run `n` ranks of this driver to completion; returns their outputs (raises if one failed).
+
+    The rendezvous port is free when picked but may be taken before rank 0 binds it (other tests' gloo
+    connections use the same ephemeral ports): a start that fails on that is tried once more."""
+    try:
+        return _launch(n, out, recipe, *overrides, signal_at=signal_at, timeout=timeout)
+    except AssertionError as err:
+        if "address already in use" not in str(err).lower():
+            raise
+        return _launch(n, out, recipe, *overrides, signal_at=signal_at, timeout=timeout)
+
+
+def _launch(n: int, out: Path, recipe: str, *overrides: str, signal_at: int, timeout: float) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
