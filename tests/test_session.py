@@ -1,6 +1,8 @@
 """Sessions: history through the LLM with a key/value cache, forks, batching, bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +10,10 @@ from pandora_lightning.errors import PandoraError
 from pandora_lightning.inference.rollout import rollout
 from pandora_lightning.inference.session import Session, step_sessions
 from pandora_lightning.models.history import history_mask
+from pandora_lightning.models.llm import LLMConfig
 from pandora_lightning.models.world_model import WorldModel, WorldModelConfig
+from pandora_lightning.recipe import load_recipe
+from pandora_lightning.training.parallel import apply_activation_checkpointing
 
 WORDS = ["move left", "move right", "grow", "shrink", "again", "go back", "now move up a bit"]
 
@@ -97,8 +102,6 @@ def test_training_reads_a_window_as_a_session_plays_it():
 def test_training_with_activation_checkpointing_reads_the_same_rounds():
     """Checkpointing turns the transformers cache off: training then re-reads each round's window (same
     contexts, same gradients)."""
-    from pandora_lightning.training.parallel import apply_activation_checkpointing
-
     frames = torch.rand(2, 2 + 4 * 4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     texts = [["move left", "grow"], ["again", "again"], ["go back", "shrink"], ["again", "move right"]]
     runs = []
@@ -116,17 +119,10 @@ def test_training_with_activation_checkpointing_reads_the_same_rounds():
 
 
 def test_previous_answer_needs_history_and_multi_round_training():
-    from pathlib import Path
-
-    from pandora_lightning.models.llm import LLMConfig
-
     with pytest.raises(PandoraError, match="history_rounds=1 reads no earlier round"):
         LLMConfig(history_rounds=1, previous_answer=True)
-
-    from pandora_lightning.recipe import load_recipe
-
     recipe = Path(__file__).resolve().parents[1] / "recipes/tiny-history/instruct.yaml"
-    with pytest.raises(Exception, match="set data.rounds to 2 or more"):
+    with pytest.raises(PandoraError, match="set data.rounds to 2 or more"):
         load_recipe(recipe, ["model.llm.previous_answer=true", "data.rounds=1"])
 
 

@@ -208,7 +208,7 @@ def _step_group(model: WorldModel, sessions: list[Session], actions: list[str], 
     for i, (s, action) in enumerate(zip(sessions, actions)):
         clip = clips[i, model.cond_frames :]
         added = tokens[i] if tokens is not None else 0
-        answer = context[i] if model.reads_answer else None
+        answer = context[i].clone() if model.reads_answer else None  # a copy: a view keeps the batch's contexts alive
         s.records = [*s.records, Round(action, given[i], clip, s.rng.get_state(), added, answer)]
         s.fresh = clip[-min(model.new_frames, model.cond_frames) :]
         out.append(clip)

@@ -220,7 +220,7 @@ class WorldModel(nn.Module):
         Round r is conditioned on frames [r * F, r * F + Tc) and reads the rounds before it through
         the LLM (teacher forcing: the frames are the real ones). Each frame is encoded once. With
         llm.previous_answer round r also reads round r - 1's answer, so the rounds run one after
-        another through the key/value cache, as a session runs them (the first reads no answer).
+        another through the key/value cache, as a session runs them (the first reads the all-zero answer).
         """
         tc, f, r = self.cond_frames, self.new_frames, len(texts)
         tokens = self.state_tokens(frames[:, : (r - 1) * f + tc])
