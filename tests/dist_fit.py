@@ -9,6 +9,7 @@ time limit) - only rank 0, as a real signal reaches the ranks at slightly differ
 With DUMP_START=1, at the start of fit rank 0 writes the model's full state dict (gathered from the
 shards) to OUT/start.safetensors, and each rank writes OUT/start-<rank>.json: its buffers' sums and
 the elements it read from pretrained folders (models.weight_files) and the local sizes of its shards.
+After fit each rank writes OUT/ended-<rank>.json: whether its process group was still up.
 """
 from __future__ import annotations
 
@@ -104,5 +105,9 @@ if __name__ == "__main__":
     from pandora_lightning.recipe import load_recipe
     from pandora_lightning.training.fit import fit
 
+    import torch.distributed as dist
+
     out_dir, recipe_path, *overrides = sys.argv[1:]
     fit(load_recipe(recipe_path, overrides), callbacks=[StepLog(Path(out_dir), int(os.environ.get("SIGNAL_AT_STEP", "0")))])
+    # fit tears the process group down itself (see parallel.end_process_group)
+    (Path(out_dir) / f"ended-{os.environ['LOCAL_RANK']}.json").write_text(json.dumps({"group_left": dist.is_initialized()}))

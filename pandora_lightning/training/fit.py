@@ -21,7 +21,13 @@ from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from, load_checkpoint_file
 from pandora_lightning.training.cluster import Requeue, check_slurm_layout, cluster_plugins
-from pandora_lightning.training.parallel import build_strategy, check_machine, full_state_dict, trainer_precision
+from pandora_lightning.training.parallel import (
+    build_strategy,
+    check_machine,
+    end_process_group,
+    full_state_dict,
+    trainer_precision,
+)
 from pandora_lightning.training.model_file import write_model_file
 from pandora_lightning.training.recipe import TrainingRecipe
 from pandora_lightning.training.run_folder import HistoryCSVLogger, KeepLogHistory, check_resume, claim_run_folder
@@ -112,6 +118,7 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
     finally:
         if lock is not None:
             lock.release()
+        end_process_group()
 
 
 def warn_window_beyond_training(recipe: TrainingRecipe) -> bool:

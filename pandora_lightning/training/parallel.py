@@ -214,6 +214,17 @@ def full_state_dict(model: nn.Module) -> dict | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def end_process_group() -> None:
+    """Tear down the ranks' process group once a run is over. Left to interpreter shutdown, gloo's
+    worker threads can still hold tensors while Python is finalized and the rank dies with SIGABRT
+    ("terminate called without an active exception") after the run has finished: a failed job to
+    SLURM. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
