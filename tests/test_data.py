@@ -1,17 +1,19 @@
 """The training data path: decoding windows, corrupt samples, manifests, mixing, splitting, resume."""
 import json
 import logging
+import random
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.data import loader as loader_module
-from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder
+from pandora_lightning.data.dataset import BadSampleCounter, ExampleDecoder, check_recolor, recolor
 from pandora_lightning.data.loader import training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.data.stream import block_counts
@@ -317,3 +319,45 @@ def test_shards_open_through_webdataset_urls_only_on_opt_in(tmp_path):
     assert not marker.exists()
     keys = take(make_loader(tmp_path / "pipe.yaml", allow_commands=True), 2)
     assert sorted(keys) == sorted(f"meadow-{s}-{i}" for s in range(2) for i in range(2)) and marker.exists()
+
+
+# --- recoloured clips (data.recolor) ------------------------------------------------------------
+
+
+def test_recolor_changes_colours_not_shapes_or_motion():
+    """Each recolouring maps every pixel value one to one, the same in every frame: pixels equal
+    before are equal after and different ones stay different; all 6 channel orders occur."""
+    frames = torch.from_numpy(_episode("meadow")[0].frames.transpose(0, 3, 1, 2).copy())
+    flat = frames.permute(0, 2, 3, 1).reshape(-1, 3)
+    _, groups = torch.unique(flat, dim=0, return_inverse=True)
+    rng, seen = random.Random(0), set()
+    for _ in range(100):
+        out = recolor(frames, rng)
+        assert out.dtype == torch.uint8 and out.shape == frames.shape
+        out_flat = out.permute(0, 2, 3, 1).reshape(-1, 3)
+        _, out_groups = torch.unique(out_flat, dim=0, return_inverse=True)
+        pairs = set(zip(groups.tolist(), out_groups.tolist()))
+        assert len(pairs) == len(set(groups.tolist())) == len(set(out_groups.tolist()))
+        seen.add(tuple(out_flat[0].tolist()))
+    assert len(seen) == 6
+
+
+def test_recolored_stream_is_a_share_of_clips_and_reproducible(tmp_path):
+    manifest = write_sets(tmp_path, {"meadow": (2, 8)})
+
+    def frames(recolor):
+        return [b["frames"] for b in make_loader(manifest, epoch_samples=16, recolor=recolor)]
+
+    plain, once, again = frames(0.0), frames(0.5), frames(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(once, again))  # the same draws: resume stays exact
+    changed = [not torch.equal(p[i], o[i]) for p, o in zip(plain, once) for i in range(len(p))]
+    assert 3 <= sum(changed) <= 12  # about half of 16, less the draws of the identity order (1 in 6)
+
+
+def test_recolor_is_refused_with_captions_and_out_of_range():
+    with pytest.raises(ValueError, match="data.recolor=0.5 recolours clips whose caption texts name their colours"):
+        check_recolor(0.5, "caption")
+    for bad in ({"recolor": 1.5}, {"recolor": 0.5, "precomputed": True}):
+        with pytest.raises(ValueError, match="data.recolor"):
+            DataConfig(**bad)
+    check_recolor(0.0, "caption")

@@ -30,7 +30,7 @@ from pandora_lightning.world import (
     split_actions,
     valid_actions,
 )
-from pandora_lightning.world.domains import MASK_THRESHOLD, MIN_CONTRAST
+from pandora_lightning.world.domains import ALL_DOMAINS, MASK_THRESHOLD, MIN_CONTRAST, PRACTICE_DOMAINS, get_domain
 from pandora_lightning.world.measure import state_from_row, trajectory_distance
 
 SIZE = 32
@@ -95,6 +95,18 @@ def test_domains_are_distinct_and_transfer_setup_is_consistent():
         assert d.background(SIZE).shape == (SIZE, SIZE, 3) and d.background(SIZE).dtype == np.uint8
 
 
+def test_practice_domains_show_every_action_and_look_like_no_scored_domain():
+    """Training-only domains widen what training shows (backgrounds, shapes, speeds) without showing
+    the transfer domain's look: none is within 20 grey levels (mean) of a scored domain's background."""
+    assert set(PRACTICE_DOMAINS).isdisjoint(DOMAINS)
+    for d in PRACTICE_DOMAINS.values():
+        assert set(d.actions) == set(ACTIONS) and split_actions(d.name, "train") == d.actions
+        for scored in DOMAINS.values():
+            assert np.abs(d.background(SIZE).astype(int) - scored.background(SIZE)).mean() > 20, (d.name, scored.name)
+    kinds = {d.background_kind for d in PRACTICE_DOMAINS.values()}
+    assert get_domain(TRANSFER_DOMAIN).background_kind in kinds  # its kind of background, in other colours
+
+
 def test_background_is_deterministic_and_read_only():
     d = DOMAINS["space"]
     assert np.array_equal(d.background(SIZE), dataclasses.replace(d).background(SIZE))
@@ -103,7 +115,7 @@ def test_background_is_deterministic_and_read_only():
 
 
 def test_palette_is_far_from_every_background_pixel():
-    for d in DOMAINS.values():
+    for d in ALL_DOMAINS.values():
         bg = d.background(SIZE).reshape(-1, 3).astype(float)
         for name, rgb in d.palette:
             dist = np.sqrt(((bg - np.array(rgb, float)) ** 2).sum(-1)).min()
@@ -111,7 +123,7 @@ def test_palette_is_far_from_every_background_pixel():
 
 
 def test_background_neighbours_are_below_mask_threshold():
-    for d in DOMAINS.values():
+    for d in ALL_DOMAINS.values():
         bg = d.background(SIZE).astype(float)
         for axis in (0, 1):
             step = np.sqrt((np.diff(bg, axis=axis) ** 2).sum(-1)).max()
@@ -141,11 +153,26 @@ def test_domain_validation_names_bad_field():
         ({"cond_frames": 0}, "cond_frames"),
         ({"rounds": -1}, "rounds"),
         ({"domains": ("meadow", "mars")}, "domains"),
+        ({"practice": ("meadow",)}, "practice"),
     ],
 )
 def test_world_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=f"WorldConfig.{field}"):
         WorldConfig(**kwargs)
+
+
+def test_practice_domains_are_written_only_into_the_train_split(tmp_path):
+    from pandora_lightning.data.manifest import load_manifest
+    from pandora_lightning.world.shards import write_world
+
+    cfg = WorldConfig(practice=("snow", "lagoon"))
+    manifest = load_manifest(write_world(tmp_path / "shards", tmp_path / "w.yaml", cfg,
+                                         {"train": 3, "practice": 2, "val": 1, "transfer": 1, "adapt": 1}, 8).path)
+    sets = {(s.split, s.domain): s.samples for s in manifest.sets}
+    assert sets[("train", "snow")] == sets[("train", "lagoon")] == 2 and sets[("train", "meadow")] == 3
+    assert {d for split, d in sets if split != "train"}.isdisjoint(PRACTICE_DOMAINS)
+    words = (tmp_path / "w.vocab.txt").read_text().split()
+    assert {"lagoon", "snow"} <= set(words) and "cave" not in words
 
 
 def test_world_config_num_frames():

@@ -28,7 +28,7 @@ from pandora_lightning.world import (
     valid_actions,
 )
 from pandora_lightning.world.baseline import best_baseline, text_ignoring_baselines
-from pandora_lightning.world.domains import HELD_OUT_SHADES, MIN_CONTRAST, TRAIN_SHADES, shade
+from pandora_lightning.world.domains import ALL_DOMAINS, HELD_OUT_SHADES, MIN_CONTRAST, PRACTICE_DOMAINS, TRAIN_SHADES, get_domain, shade
 from pandora_lightning.world.measure import RATE_TOLERANCE, judge_round
 from pandora_lightning.world.phrasing import CORES
 from pandora_lightning.world.simulator import BORDER_MARGIN, HELD_OUT_SPLITS, SAMPLING_SLACK
@@ -38,6 +38,8 @@ CFG = WorldConfig(held_out_rounds=8)
 
 
 def _split_domains(split):
+    if split == "train":
+        return [*DOMAINS, *PRACTICE_DOMAINS]
     return [TRANSFER_DOMAIN] if split in ("transfer", "adapt") else list(DOMAINS)
 
 
@@ -61,7 +63,7 @@ def test_every_state_of_every_domain_offers_two_valid_actions(split):
     slack, object clear of the border by the margin plus the slack): never fewer than MIN_OPTIONS."""
     eps = 1e-6
     for name in _split_domains(split):
-        d, allowed = DOMAINS[name], split_actions(name, split)
+        d, allowed = ALL_DOMAINS[name], split_actions(name, split)
         lo, hi = d.radius_limits[0] + SAMPLING_SLACK + eps, d.radius_limits[1] - SAMPLING_SLACK - eps
         margin = BORDER_MARGIN + SAMPLING_SLACK + eps
         for r in np.linspace(lo, hi, 9):
@@ -93,13 +95,31 @@ def test_actions_are_uniform_over_the_valid_ones():
 def test_held_out_colours_are_reserved():
     """No shaded colour of a held-out split is a colour training can draw, in any domain."""
     assert not set(TRAIN_SHADES) & set(HELD_OUT_SHADES)
-    for d in DOMAINS.values():
+    for d in ALL_DOMAINS.values():
         bg = d.background(SIZE).reshape(-1, 3).astype(float)
         train = {shade(rgb, s) for _, rgb in d.palette for s in TRAIN_SHADES}
         held = {shade(rgb, s) for _, rgb in d.palette for s in HELD_OUT_SHADES}
         assert not train & held, d.name
         for colour in train | held:
             assert np.sqrt(((bg - np.array(colour, float)) ** 2).sum(-1)).min() >= MIN_CONTRAST, (d.name, colour)
+
+
+def test_recoloured_training_clips_never_show_a_held_out_background():
+    """data.recolor shows training clips with their RGB channels in another order: no such
+    background of any training domain comes near another scored domain's (more than 20 grey levels
+    apart on average, as the domains themselves), nor within 40 of the transfer domain's sand, so
+    no recoloured clip shows the held-out grow/shrink in the desert's colours."""
+    import itertools
+
+    sand = get_domain(TRANSFER_DOMAIN).background(SIZE)
+    for d in ALL_DOMAINS.values():
+        for order in itertools.permutations(range(3)):
+            out = d.background(SIZE)[..., list(order)].astype(int)
+            for scored in DOMAINS.values():
+                if scored is not d:
+                    assert np.abs(out - scored.background(SIZE)).mean() > 20, (d.name, order, scored.name)
+            if d.name != TRANSFER_DOMAIN:
+                assert np.abs(out - sand).mean() > 40, (d.name, order)
 
 
 def test_held_out_frames_never_repeat_a_training_frame():

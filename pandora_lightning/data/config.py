@@ -37,6 +37,10 @@ class DataConfig:
     # not built on the device. Refused when the manifest was encoded by other encoders, at another
     # frame size or clip length, or when the recipe trains one of those encoders.
     precomputed: bool = False
+    # Share of training clips shown in other colours (RGB channels permuted, each inverted with
+    # probability 1/2; see data/dataset.py, recolor), so an action is learnt apart from the colours it
+    # was seen in. Action texts only (a caption names the colours); not with precomputed inputs.
+    recolor: float = 0.0
 
     def __post_init__(self):
         if self.precomputed and self.rounds > 1:
@@ -50,3 +54,7 @@ class DataConfig:
             raise ValueError(f"data.text_kind='{self.text_kind}' is unknown; use caption, action or null")
         if self.rounds < 1:
             raise ValueError(f"data.rounds={self.rounds} must be >= 1")
+        if not 0.0 <= self.recolor <= 1.0:
+            raise ValueError(f"data.recolor={self.recolor} must be a share of training clips in [0, 1]")
+        if self.recolor and self.precomputed:
+            raise ValueError("data.recolor changes the pixels that data.precomputed stored encoded; set one of them off")

@@ -127,14 +127,15 @@ class ExampleDecoder:
 
     def __init__(
         self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter | None = None,
-        size: tuple[int, int] | None = None, rounds: int = 1, open_on_reference: bool = False,
+        size: tuple[int, int] | None = None, rounds: int = 1, open_on_reference: bool = False, recolor: float = 0.0,
     ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"text kind '{kind}' is unknown; use one of {TEXT_KINDS}")
         if rounds < 1 or (rounds > 1 and kind != "action"):
             raise ValueError(f"data.rounds={rounds}: multi-round windows need action texts (and rounds >= 1)")
+        check_recolor(recolor, kind)
         self.kind, self.frames, self.cond_frames, self.size, self.rounds = kind, frames, cond_frames, size, rounds
-        self.open_on_reference = open_on_reference
+        self.open_on_reference, self.recolor = open_on_reference, recolor
         self.counter = counter if counter is not None else BadSampleCounter(log_each=True)
 
     @property
@@ -173,8 +174,11 @@ class ExampleDecoder:
             if "__error__" in sample:
                 raise ValueError(sample["__error__"])
             meta = parse_meta(sample.get("json"))
-            start, text, teacher = self.window(meta, rng or random)
+            rng = rng or random
+            start, text, teacher = self.window(meta, rng)
             out = self.payload(sample, start, teacher)
+            if self.recolor and rng.random() < self.recolor:
+                out["frames"] = recolor(out["frames"], rng)
         except NoText as err:
             self.counter.no_text += 1
             self.counter.no_text_example = self.counter.no_text_example or f"{url}:{printable(key)} ({err})"
@@ -198,6 +202,24 @@ class ExampleDecoder:
         if len(clip) < need:
             raise ValueError(f"clip has {start + len(clip)} frames, the window needs {start + need}")
         return torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2)))
+
+
+def check_recolor(share: float, kind: str) -> None:
+    """`data.recolor` is a share of clips, and only for action texts (a caption names the colours it would change)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.recolor={share} must be a share of training clips in [0, 1]")
+    if share and kind != "action":
+        raise ValueError(f"data.recolor={share} recolours clips whose {kind} texts name their colours; "
+                         f"use it with action texts (data.text_kind=action, the instruct stage) or set data.recolor=0")
+
+
+def recolor(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """A clip (T, 3, H, W) uint8 in other colours: its RGB channels in a random order (6 orders, the
+    identity among them), the same for every frame. Shapes, positions, motion and every distance
+    between colours are untouched, so an action is learnt as what it does to the object whatever its
+    colours (README, "The demo model", "Recoloured clips"). Orders only, no inversions: an inverted
+    ocean is the desert's sand, which would show the transfer split's held-out actions in its colours."""
+    return frames[:, rng.sample(range(3), 3)]
 
 
 def collate(examples: list[dict]) -> dict:

@@ -202,6 +202,7 @@ def training_loader(
         open_on_reference=data.open_on_reference,
         encoded=data.precomputed,
         needs_frames=manifest.encoding.needs_frames if manifest.encoding is not None else True,
+        recolor=data.recolor,
     )
     epoch_samples = data.epoch_samples or sum(s.samples for s in sets)
     return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples, data.max_bad_fraction, data.min_bad_samples)

@@ -68,6 +68,7 @@ class StreamConfig:
     open_on_reference: bool = False  # a window may open on "again" / "go back" (see ExampleDecoder)
     encoded: bool = False  # read the precomputed inputs of `shards encode` (data.precomputed)
     needs_frames: bool = True  # with `encoded`: also decode the window's pixels (a generator without a VAE)
+    recolor: float = 0.0  # share of clips recoloured (data.recolor, see dataset.recolor)
 
 
 def seeded(*parts) -> random.Random:
@@ -172,7 +173,7 @@ class ShardStream(IterableDataset):
             decoder = EncodedExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.needs_frames)
         else:
             decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds,
-                                     cfg.open_on_reference)
+                                     cfg.open_on_reference, cfg.recolor)
         reported = (0, 0)
         examples, streak = [], 0
         for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block)):

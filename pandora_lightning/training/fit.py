@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
-from pandora_lightning.data.dataset import check_text_kind
+from pandora_lightning.data.dataset import check_recolor, check_text_kind
 from pandora_lightning.data.loader import ShardLoader, training_loader
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.errors import PandoraError
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 def train_loader(recipe: TrainingRecipe, text_kind: str) -> ShardLoader:
     """Split, mixed, resumable shard batches (see pandora_lightning/data/loader.py and stream.py)."""
     gen = recipe.model.generator
+    try:
+        check_recolor(recipe.data.recolor, text_kind)
+    except ValueError as err:
+        raise PandoraError(str(err)) from None
     manifest = load_manifest(recipe.data.manifest, allow_commands=recipe.data.allow_commands)
     check_text_kind(manifest, recipe.data.split, text_kind, gen.cond_frames)
     return training_loader(manifest, recipe.data, text_kind, gen.frames, gen.cond_frames, gen.size, recipe.seed)

@@ -222,6 +222,95 @@ DOMAINS: dict[str, Domain] = {
     )
 }
 
+# Training-only domains (`WorldConfig.practice`): more backgrounds, shapes and speeds, every action shown.
+# They are never scored, and none resembles the transfer domain's sand: a diagonal gradient (the
+# desert's kind) appears here only in teal, purple and dark green, so the transfer split still asks
+# for actions that no training frame on sand shows. What they teach is that an action does the same
+# thing on any background (README, "The demo model", "Practice domains").
+PRACTICE_DOMAINS: dict[str, Domain] = {
+    d.name: d
+    for d in (
+        Domain(
+            name="lagoon",
+            scene="in a teal lagoon",
+            background_kind="diagonal_gradient",
+            background_colors=((60, 170, 170), (20, 90, 110)),
+            shape="diamond",
+            palette=(("yellow", (250, 225, 30)), ("red", (235, 45, 35)), ("magenta", (230, 40, 220)),
+                     ("orange", (250, 150, 30))),
+            speed=0.75,
+            grow_rate=0.5,
+            radius_limits=(3.0, 10.0),
+            start_radius=(4.0, 6.0),
+        ),
+        Domain(
+            name="dusk",
+            scene="in a purple dusk",
+            background_kind="diagonal_gradient",
+            background_colors=((90, 60, 130), (30, 20, 60)),
+            shape="square",
+            palette=(("yellow", (240, 230, 30)), ("green", (40, 230, 60)), ("orange", (250, 140, 20)),
+                     ("white", (225, 225, 225))),
+            speed=1.0,
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 5.0),
+        ),
+        Domain(
+            name="forest",
+            scene="in a dark forest",
+            background_kind="diagonal_gradient",
+            background_colors=((70, 120, 60), (20, 60, 25)),
+            shape="disc",
+            palette=(("red", (225, 30, 35)), ("magenta", (230, 40, 220)), ("yellow", (240, 230, 30)),
+                     ("white", (225, 225, 225))),
+            speed=0.75,
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 7.0),
+        ),
+        Domain(
+            name="snow",
+            scene="on white snow",
+            background_kind="vertical_gradient",
+            background_colors=((235, 240, 250), (180, 190, 210)),
+            shape="disc",
+            palette=(("red", (225, 30, 35)), ("blue", (30, 50, 230)), ("black", (40, 40, 40)),
+                     ("green", (20, 100, 35))),
+            speed=1.25,
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 5.0),
+        ),
+        Domain(
+            name="night",
+            scene="under a red night sky",
+            background_kind="stars",
+            background_colors=((70, 25, 15), (110, 60, 40)),
+            shape="disc",
+            palette=(("cyan", (40, 220, 230)), ("yellow", (240, 230, 30)), ("green", (40, 230, 60)),
+                     ("white", (225, 225, 225))),
+            speed=1.0,
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 5.0),
+        ),
+        Domain(
+            name="cave",
+            scene="in a brown cave",
+            background_kind="stripes",
+            background_colors=((60, 50, 45), (95, 80, 70)),
+            shape="square",
+            palette=(("yellow", (240, 230, 30)), ("cyan", (40, 220, 230)), ("white", (225, 225, 225)),
+                     ("magenta", (230, 40, 220))),
+            speed=0.75,
+            grow_rate=0.5,
+            radius_limits=(2.0, 10.0),
+            start_radius=(3.0, 5.0),
+        ),
+    )
+}
+
 TRANSFER_DOMAIN = "desert"
 # Never shown in the transfer domain by the training split (nor by "val"/"phrasings"); the "transfer"
 # split draws from all of its actions and scores these rounds apart: the model has to carry them over
@@ -229,12 +318,16 @@ TRANSFER_DOMAIN = "desert"
 TRANSFER_HELD_OUT = ("grow", "shrink")
 
 
+# Scored domains first: a domain's random stream is seeded by its index here (world/shards.py).
+ALL_DOMAINS: dict[str, Domain] = {**DOMAINS, **PRACTICE_DOMAINS}
+
+
 def get_domain(name: str) -> Domain:
     """Look up a domain by name with a helpful error."""
     try:
-        return DOMAINS[name]
+        return ALL_DOMAINS[name]
     except KeyError:
-        raise PandoraError(f"unknown domain {name!r}; known domains: {tuple(DOMAINS)}") from None
+        raise PandoraError(f"unknown domain {name!r}; known domains: {tuple(ALL_DOMAINS)}") from None
 
 
 def shade(rgb: RGB, delta: int) -> RGB:

@@ -18,7 +18,7 @@ from pandora_lightning.data.manifest import Manifest, load_manifest, write_manif
 from pandora_lightning.data.tar import sample_hash
 from pandora_lightning.data.video import encode_mp4
 from pandora_lightning.training.vocabulary import write_vocabulary_file
-from pandora_lightning.world.domains import DOMAINS, TRANSFER_DOMAIN
+from pandora_lightning.world.domains import ALL_DOMAINS, DOMAINS, TRANSFER_DOMAIN
 from pandora_lightning.world.vocabulary import vocabulary_path, world_vocabulary
 from pandora_lightning.world.simulator import SPLITS, Episode, WorldConfig, sample_episode, split_actions
 
@@ -42,6 +42,8 @@ def episode_metadata(ep: Episode, cfg: WorldConfig, split: str) -> dict:
 
 
 def _split_domains(cfg: WorldConfig, split: str) -> tuple[str, ...]:
+    if split == "train":
+        return cfg.domains + cfg.practice
     if split not in ("transfer", "adapt"):
         return cfg.domains
     if TRANSFER_DOMAIN not in cfg.domains:
@@ -53,9 +55,9 @@ def _split_domains(cfg: WorldConfig, split: str) -> tuple[str, ...]:
 
 
 def _check_counts(counts: dict[str, int], samples_per_shard: int) -> None:
-    unknown = [s for s in counts if s not in SPLITS]
+    unknown = [s for s in counts if s not in (*SPLITS, "practice")]
     if unknown:
-        raise ValueError(f"counts has unknown splits {unknown}; use keys from {SPLITS}")
+        raise ValueError(f"counts has unknown splits {unknown}; use keys from {SPLITS} (or 'practice')")
     negative = {s: n for s, n in counts.items() if n < 0}
     if negative:
         raise ValueError(f"counts must be >= 0 episodes per domain, got {negative}")
@@ -69,7 +71,7 @@ def _write_split_domain(
     """Write ``count`` episodes of one (split, domain) and return its record."""
     # One independent stream per (split, domain): val/transfer start states
     # never replay train's, and adding a domain does not shift the others.
-    rng = np.random.default_rng([seed, SPLITS.index(split), list(DOMAINS).index(domain)])
+    rng = np.random.default_rng([seed, SPLITS.index(split), list(ALL_DOMAINS).index(domain)])
     allowed = split_actions(domain, split)
     shards: list[str] = []
     index: list[dict] = []
@@ -100,6 +102,14 @@ def _write_split_domain(
     return {"split": split, "domain": domain, "shards": shards, "samples": count, "index": index}
 
 
+def _count(counts: dict[str, int], split: str, domain: str) -> int:
+    """Episodes of one (split, domain): a practice domain's train episodes are ``counts["practice"]``
+    (default: as many as a scored domain's)."""
+    if domain in DOMAINS:
+        return counts[split]
+    return counts.get("practice", counts[split])
+
+
 def write_world_shards(
     out_dir: str | Path,
     cfg: WorldConfig,
@@ -111,7 +121,8 @@ def write_world_shards(
     """Write world episodes for each split in ``counts`` (episodes per domain).
 
     "train", "val" and "phrasings" cover every domain of ``cfg.domains`` (the transfer domain
-    without its held-out actions); "transfer" covers only the transfer domain, with all of its
+    without its held-out actions), "train" also the practice domains of ``cfg.practice``
+    (``counts["practice"]`` episodes each); "transfer" covers only the transfer domain, with all of its
     actions. Held-out splits draw reserved start colours and have ``cfg.rounds_for(split)`` rounds.
     ``seed`` defaults to ``cfg.seed``.
     Returns one ``{"split", "domain", "shards", "samples"}`` record per
@@ -122,10 +133,11 @@ def write_world_shards(
     out.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed if seed is None else int(seed)
     records = []
-    plan = [(split, domain) for split in SPLITS if counts.get(split, 0) for domain in _split_domains(cfg, split)]
-    with tqdm(total=sum(counts[s] for s, _ in plan), unit="episode", desc="shards world", disable=not progress) as bar:
-        for split, domain in plan:
-            records.append(_write_split_domain(out, cfg, split, domain, counts[split], samples_per_shard, seed, bar))
+    plan = [(split, domain, _count(counts, split, domain)) for split in SPLITS if counts.get(split, 0)
+            for domain in _split_domains(cfg, split)]
+    with tqdm(total=sum(n for *_, n in plan), unit="episode", desc="shards world", disable=not progress) as bar:
+        for split, domain, count in plan:
+            records.append(_write_split_domain(out, cfg, split, domain, count, samples_per_shard, seed, bar))
     # Which shard holds which key, with a content hash: `shards verify` finds lost and altered samples by it.
     lines = [line for record in records for line in record.pop("index")]
     (out / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -144,7 +156,7 @@ def write_world(
     """The world's shards, their manifest and, beside it, the world's vocabulary file."""
     records = write_world_shards(out_dir, cfg, counts, samples_per_shard=samples_per_shard, progress=progress)
     written = write_manifest(manifest, WORLD_NAME, out_dir, records + adapt_replay(records))
-    write_vocabulary_file(vocabulary_path(manifest), world_vocabulary(history=cfg.history > 0))
+    write_vocabulary_file(vocabulary_path(manifest), world_vocabulary(history=cfg.history > 0, practice=cfg.practice))
     return written
 
 
@@ -157,7 +169,8 @@ def adapt_replay(records: list[dict]) -> list[dict]:
     """Manifest sets that mix a few train episodes of the other domains into the adapt split."""
     if not any(r["split"] == "adapt" for r in records):
         return []
-    return [{**r, "split": "adapt", "samples": ADAPT_REPLAY} for r in records if r["split"] == "train" and r["domain"] != TRANSFER_DOMAIN]
+    return [{**r, "split": "adapt", "samples": ADAPT_REPLAY} for r in records
+            if r["split"] == "train" and r["domain"] in DOMAINS and r["domain"] != TRANSFER_DOMAIN]
 
 
 def ensure_world(

@@ -17,6 +17,7 @@ from pandora_lightning.world.domains import (
     ACTION_VERBS,
     DOMAINS,
     MOVES,
+    PRACTICE_DOMAINS,
     RESIZES,
     TRANSFER_DOMAIN,
     TRANSFER_HELD_OUT,
@@ -62,6 +63,9 @@ class WorldConfig:
     # Share of rounds after the first that are said as a reference to the previous round
     # ("again", "go back"; see world/history.py) when what they stand for is valid there.
     history: float = 0.0
+    # Training-only domains (``domains.PRACTICE_DOMAINS``) written into the train split beside
+    # ``domains``; never in a held-out split.
+    practice: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 8:
@@ -81,6 +85,13 @@ class WorldConfig:
         if unknown or not self.domains:
             raise PandoraError(
                 f"WorldConfig.domains={self.domains} must be a non-empty subset of {tuple(DOMAINS)}"
+            )
+        self.practice = tuple(self.practice)
+        unknown = [d for d in self.practice if d not in PRACTICE_DOMAINS]
+        if unknown:
+            raise PandoraError(
+                f"WorldConfig.practice={self.practice} names unknown practice domains {unknown}; "
+                f"use names from {tuple(PRACTICE_DOMAINS)}"
             )
 
     @property
