@@ -93,13 +93,14 @@ def _export(args) -> None:
 
 def _shards_world(args) -> None:
     from pandora_lightning.world import WorldConfig
+    from pandora_lightning.world.domains import PRACTICE_DOMAINS
     from pandora_lightning.world.shards import write_world
     from pandora_lightning.world.vocabulary import vocabulary_path
 
     cfg = WorldConfig(image_size=args.image_size, seed=args.seed, rounds=args.rounds, history=args.history,
-                      held_out_rounds=args.held_out_rounds)
+                      held_out_rounds=args.held_out_rounds, practice=tuple(PRACTICE_DOMAINS) if args.practice else ())
     counts = {"train": args.train, "val": args.val, "transfer": args.transfer, "adapt": args.adapt,
-              "phrasings": args.phrasings}
+              "phrasings": args.phrasings, "practice": args.practice}
     manifest = write_world(args.out, args.manifest, cfg, counts, samples_per_shard=args.samples_per_shard, progress=True)
     print(f"wrote {sum(s.samples for s in manifest.sets)} episodes in {sum(len(s.shards) for s in manifest.sets)} shards "
           f"under {args.out}; manifest {manifest.path}; vocabulary {vocabulary_path(args.manifest)}")
@@ -208,9 +209,12 @@ def _demo(args) -> None:
         raise PandoraError(f"demo --seeds {args.seeds}: give at least 1 training seed")
     if args.quick and args.long:
         raise PandoraError("demo --quick --long: choose one (--quick checks the pipeline in a few steps, --long trains longer)")
-    default = "runs/demo-quick" if args.quick else "runs/demo-history" if args.history else "runs/demo"
+    if args.history and args.practice:
+        raise PandoraError("demo --history --practice: choose one (the practice world has no history rounds)")
+    default = ("runs/demo-quick" if args.quick else "runs/demo-history" if args.history else
+               "runs/demo-practice" if args.practice else "runs/demo")
     run_dir = Path(args.run_dir or default + ("-long" if args.long else ""))
-    options = dict(quick=args.quick, overwrite=args.overwrite, history=args.history, long=args.long)
+    options = dict(quick=args.quick, overwrite=args.overwrite, history=args.history, long=args.long, practice=args.practice)
     if args.seeds == 1:
         run_demo(run_dir, **options)
     else:
@@ -334,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--adapt", type=int, default=48, help="adaptation-split episodes (the transfer domain, all its actions)")
     w.add_argument("--phrasings", type=int, default=8, help="held-out start states steered by held-out phrasings, per domain")
     w.add_argument("--held-out-rounds", type=int, default=8, help="rounds of every held-out episode (train: 3)")
+    w.add_argument("--practice", type=int, default=0,
+                   help="train episodes per practice domain (training-only backgrounds, shapes and speeds; 0 = none)")
     w.add_argument("--samples-per-shard", type=int, default=128)
     w.add_argument("--image-size", type=int, default=32)
     w.add_argument("--rounds", type=int, default=3, help="action rounds per episode")
@@ -400,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="align 2x and instruct 4x the recipes' steps (about 27 minutes here): the world benchmark's in-domain bars")
     p.add_argument("--history", action="store_true",
                    help="the history demo: 'again' / 'go back' actions, an LLM that reads earlier rounds (recipes/tiny-history)")
+    p.add_argument("--practice", action="store_true",
+                   help="train beside the world's practice domains, the instruct stage on recoloured clips too "
+                        "(data.recolor): the transfer demo")
     p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the run folder")
     p.set_defaults(run=_demo)

@@ -160,3 +160,32 @@ def test_demo_long_trains_the_recipes_longer(monkeypatch, tmp_path, capsys):
     assert trained == {"align": 2 * own["align"], "instruct": 4 * own["instruct"]}
     assert main(["demo", "--quick", "--long"]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monkeypatch, tmp_path, capsys):
+    """`demo --practice`: both stages read the practice world's manifest and vocabulary; only the
+    instruct stage (action texts) sees recoloured clips."""
+    import pandora_lightning.world.demo as demo
+    from pandora_lightning.cli import main
+
+    class Trained(Exception):
+        pass
+
+    seen, worlds = {}, []
+
+    def fake_fit(recipe, callbacks=(), overwrite=False):
+        seen[recipe.stage] = (recipe.data.manifest, recipe.vocabulary, recipe.data.recolor)
+        if recipe.stage == "instruct":
+            raise Trained
+        return tmp_path / "align.safetensors"
+
+    monkeypatch.setattr(demo, "ensure_world", lambda manifest, shards, counts, per, cfg: worlds.append((manifest, counts, cfg)))
+    monkeypatch.setattr(demo, "fit", fake_fit)
+    with pytest.raises(Trained):
+        demo.run_demo(tmp_path / "run", practice=True)
+    manifest, counts, cfg = worlds[0]
+    assert manifest == demo.PRACTICE["manifest"] and counts["practice"] > 0 and cfg.practice
+    vocabulary = "data_manifests/world-practice.vocab.txt"
+    assert seen == {"align": (manifest, vocabulary, 0.0), "instruct": (manifest, vocabulary, demo.PRACTICE["recolor"])}
+    assert main(["demo", "--history", "--practice"]) == 2
+    assert "choose one" in capsys.readouterr().err

@@ -13,16 +13,18 @@ import time
 from pathlib import Path
 
 from pandora_lightning.data.manifest import load_manifest
+from pandora_lightning.errors import PandoraError
 from pandora_lightning.evaluation.loop import load_episodes, run_episodes
 from pandora_lightning.evaluation.suite import MetricSuite
 from pandora_lightning.recipe import load_recipe, score_callbacks
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.fit import fit
 from pandora_lightning.training.precision import autocast
-from pandora_lightning.world.domains import TRANSFER_DOMAIN, TRANSFER_HELD_OUT
+from pandora_lightning.world.domains import PRACTICE_DOMAINS, TRANSFER_DOMAIN, TRANSFER_HELD_OUT
 from pandora_lightning.world.metrics import WORLD_METRICS
 from pandora_lightning.world.shards import ensure_world
 from pandora_lightning.world.simulator import WorldConfig
+from pandora_lightning.world.vocabulary import vocabulary_path
 
 MANIFEST = "data_manifests/world.yaml"
 SHARDS = "data/world"
@@ -45,6 +47,15 @@ SHARES = ("action_following", "action_following_lenient", "action_following_held
 # recipes whose LLM reads earlier rounds (recipes/tiny-history).
 HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/world-history", "recipes": "recipes/tiny-history",
            "world": WorldConfig(rounds=4, history=0.5, held_out_rounds=8)}
+
+
+# `demo --practice`: the world with its training-only practice domains (`counts["practice"]` episodes
+# each, about a quarter of the training stream) and the instruct stage shown half its clips with their
+# colour channels in another order (data.recolor): what carries grow/shrink over to the desert
+# (README, "The demo model", "Transfer").
+PRACTICE = {"manifest": "data_manifests/world-practice.yaml", "shards": "data/world-practice",
+            "world": WorldConfig(held_out_rounds=8, practice=tuple(PRACTICE_DOMAINS)), "episodes": 128,
+            "recolor": 0.5}
 
 
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:
@@ -73,20 +84,29 @@ def split_summary(report: dict) -> dict:
 
 
 def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool = False, history: bool = False,
-             long: bool = False) -> dict:
+             long: bool = False, practice: bool = False) -> dict:
     """The whole pipeline into `run_dir`; an earlier demo there is refused unless `overwrite`."""
+    if history and practice:
+        raise PandoraError("demo --history --practice: choose one (the practice world has no history rounds)")
     started = time.time()
     timings = {}
     manifest_path, recipes = (HISTORY["manifest"], HISTORY["recipes"]) if history else (MANIFEST, "recipes/tiny")
+    world = []  # recipe overrides that point at another world
     if history:
         ensure_world(HISTORY["manifest"], HISTORY["shards"], COUNTS, 128, HISTORY["world"])
+    elif practice:
+        manifest_path = PRACTICE["manifest"]
+        ensure_world(manifest_path, PRACTICE["shards"], {**COUNTS, "practice": PRACTICE["episodes"]}, 128, PRACTICE["world"])
+        world = [f"data.manifest={manifest_path}", f"vocabulary={vocabulary_path(manifest_path)}"]
     else:
         build_world()
     timings["shards_s"] = round(time.time() - started, 1)
     steps = {"align": 3, "instruct": 3} if quick else {}
     checkpoint = None
     for stage in ("align", "instruct"):
-        overrides = [f"run_dir={run_dir / stage}", f"seed={seed}"]
+        overrides = [f"run_dir={run_dir / stage}", f"seed={seed}", *world]
+        if practice and stage == "instruct":
+            overrides.append(f"data.recolor={PRACTICE['recolor']}")
         if checkpoint:
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
@@ -125,9 +145,10 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
 
 
 def run_seeds(run_dir: Path, seeds: int, quick: bool = False, overwrite: bool = False, history: bool = False,
-              long: bool = False) -> dict:
+              long: bool = False, practice: bool = False) -> dict:
     """The demo trained `seeds` times (seeds 0..N-1, each in run_dir/seed-<s>); their spread per figure."""
-    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite, history=history, long=long)
+    runs = [run_demo(run_dir / f"seed-{s}", quick=quick, seed=s, overwrite=overwrite, history=history, long=long,
+                     practice=practice)
             for s in range(seeds)]
     summary = {"seeds": list(range(seeds)), "figures": seed_spread([r["splits"] for r in runs]),
                "wall_seconds": [r["wall_seconds"]["total_s"] for r in runs]}

@@ -134,7 +134,7 @@ def write_world_shards(
     seed = cfg.seed if seed is None else int(seed)
     records = []
     plan = [(split, domain, _count(counts, split, domain)) for split in SPLITS if counts.get(split, 0)
-            for domain in _split_domains(cfg, split)]
+            for domain in _split_domains(cfg, split) if _count(counts, split, domain)]
     with tqdm(total=sum(n for *_, n in plan), unit="episode", desc="shards world", disable=not progress) as bar:
         for split, domain, count in plan:
             records.append(_write_split_domain(out, cfg, split, domain, count, samples_per_shard, seed, bar))
