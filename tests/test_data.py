@@ -326,12 +326,12 @@ def test_shards_open_through_webdataset_urls_only_on_opt_in(tmp_path):
 
 def test_recolor_changes_colours_not_shapes_or_motion():
     """Each recolouring maps every pixel value one to one, the same in every frame: pixels equal
-    before are equal after and different ones stay different; all 6 channel orders occur."""
+    before are equal after and different ones stay different; all 48 recolourings occur."""
     frames = torch.from_numpy(_episode("meadow")[0].frames.transpose(0, 3, 1, 2).copy())
     flat = frames.permute(0, 2, 3, 1).reshape(-1, 3)
     _, groups = torch.unique(flat, dim=0, return_inverse=True)
     rng, seen = random.Random(0), set()
-    for _ in range(100):
+    for _ in range(600):
         out = recolor(frames, rng)
         assert out.dtype == torch.uint8 and out.shape == frames.shape
         out_flat = out.permute(0, 2, 3, 1).reshape(-1, 3)
@@ -339,7 +339,7 @@ def test_recolor_changes_colours_not_shapes_or_motion():
         pairs = set(zip(groups.tolist(), out_groups.tolist()))
         assert len(pairs) == len(set(groups.tolist())) == len(set(out_groups.tolist()))
         seen.add(tuple(out_flat[0].tolist()))
-    assert len(seen) == 6
+    assert len(seen) == 48
 
 
 def test_recolored_stream_is_a_share_of_clips_and_reproducible(tmp_path):
@@ -351,7 +351,21 @@ def test_recolored_stream_is_a_share_of_clips_and_reproducible(tmp_path):
     plain, once, again = frames(0.0), frames(0.5), frames(0.5)
     assert all(torch.equal(a, b) for a, b in zip(once, again))  # the same draws: resume stays exact
     changed = [not torch.equal(p[i], o[i]) for p, o in zip(plain, once) for i in range(len(p))]
-    assert 3 <= sum(changed) <= 12  # about half of 16, less the draws of the identity order (1 in 6)
+    assert 3 <= sum(changed) <= 13  # about half of 16 (1 in 48 recolourings is the identity)
+
+
+def test_recolor_keeps_away_from_the_colours_to_avoid():
+    frames = torch.from_numpy(_episode("meadow")[0].frames.transpose(0, 3, 1, 2).copy())
+    inverted = (255 - frames[0].flatten(1).double().mean(dim=1)).tolist()  # the meadow's mean colour, inverted
+    rng, medians = random.Random(1), []
+    for _ in range(300):
+        out = recolor(frames, rng, avoid=(tuple(inverted),), radius=60.0)
+        medians.append(out[0].flatten(1).double().mean(dim=1))
+    distances = torch.stack(medians).sub(torch.tensor(inverted, dtype=torch.float64)).norm(dim=1)
+    assert distances.min() > 60.0
+    assert len({tuple(m.tolist()) for m in medians}) >= 40  # the others are all still drawn
+    with pytest.raises(ValueError, match="data.recolor_avoid"):
+        DataConfig(recolor=0.5, recolor_avoid=[[300, 0, 0]])
 
 
 def test_recolor_is_refused_with_captions_and_out_of_range():

@@ -1,7 +1,7 @@
 """What the training data path needs from a recipe: the `data` block."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -41,6 +41,11 @@ class DataConfig:
     # probability 1/2; see data/dataset.py, recolor), so an action is learnt apart from the colours it
     # was seen in. Action texts only (a caption names the colours); not with precomputed inputs.
     recolor: float = 0.0
+    # RGB colours a recoloured clip must not take on: a recolouring whose result has its mean colour
+    # within `recolor_avoid_radius` of one of them is drawn again (e.g. the look of a domain held out to
+    # test transfer; `demo --practice` passes the desert's sand).
+    recolor_avoid: list[list[int]] = field(default_factory=list)
+    recolor_avoid_radius: float = 100.0
 
     def __post_init__(self):
         if self.precomputed and self.rounds > 1:
@@ -56,5 +61,7 @@ class DataConfig:
             raise ValueError(f"data.rounds={self.rounds} must be >= 1")
         if not 0.0 <= self.recolor <= 1.0:
             raise ValueError(f"data.recolor={self.recolor} must be a share of training clips in [0, 1]")
+        if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.recolor_avoid):
+            raise ValueError(f"data.recolor_avoid={self.recolor_avoid} must list RGB colours, e.g. [[218, 182, 125]]")
         if self.recolor and self.precomputed:
             raise ValueError("data.recolor changes the pixels that data.precomputed stored encoded; set one of them off")

@@ -128,6 +128,7 @@ class ExampleDecoder:
     def __init__(
         self, kind: str, frames: int, cond_frames: int, counter: BadSampleCounter | None = None,
         size: tuple[int, int] | None = None, rounds: int = 1, open_on_reference: bool = False, recolor: float = 0.0,
+        recolor_avoid: tuple = (), recolor_avoid_radius: float = 100.0,
     ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"text kind '{kind}' is unknown; use one of {TEXT_KINDS}")
@@ -136,6 +137,7 @@ class ExampleDecoder:
         check_recolor(recolor, kind)
         self.kind, self.frames, self.cond_frames, self.size, self.rounds = kind, frames, cond_frames, size, rounds
         self.open_on_reference, self.recolor = open_on_reference, recolor
+        self.recolor_avoid, self.recolor_avoid_radius = tuple(map(tuple, recolor_avoid)), recolor_avoid_radius
         self.counter = counter if counter is not None else BadSampleCounter(log_each=True)
 
     @property
@@ -178,7 +180,7 @@ class ExampleDecoder:
             start, text, teacher = self.window(meta, rng)
             out = self.payload(sample, start, teacher)
             if self.recolor and rng.random() < self.recolor:
-                out["frames"] = recolor(out["frames"], rng)
+                out["frames"] = recolor(out["frames"], rng, self.recolor_avoid, self.recolor_avoid_radius)
         except NoText as err:
             self.counter.no_text += 1
             self.counter.no_text_example = self.counter.no_text_example or f"{url}:{printable(key)} ({err})"
@@ -213,13 +215,26 @@ def check_recolor(share: float, kind: str) -> None:
                          f"use it with action texts (data.text_kind=action, the instruct stage) or set data.recolor=0")
 
 
-def recolor(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    """A clip (T, 3, H, W) uint8 in other colours: its RGB channels in a random order (6 orders, the
-    identity among them), the same for every frame. Shapes, positions, motion and every distance
-    between colours are untouched, so an action is learnt as what it does to the object whatever its
-    colours (README, "The demo model", "Recoloured clips"). Orders only, no inversions: an inverted
-    ocean is the desert's sand, which would show the transfer split's held-out actions in its colours."""
-    return frames[:, rng.sample(range(3), 3)]
+def recolor(frames: torch.Tensor, rng: random.Random, avoid: tuple = (), radius: float = 100.0) -> torch.Tensor:
+    """A clip (T, 3, H, W) uint8 in other colours: its RGB channels in a random order, each inverted
+    with probability 1/2 (48 recolourings, the identity among them), the same for every frame.
+    Shapes, positions, motion and every distance between colours are untouched, and which colour is
+    object and which background changes (a dark object on a light background, say), so an action is
+    learnt as what it does to the object whatever its colours (README, "The demo model", "Transfer").
+    A recolouring that gives the clip's first frame a mean colour within `radius` of a colour in
+    `avoid` is drawn again (up to 64 draws, then the clip is left as it is)."""
+    mean = frames[0].flatten(1).double().mean(dim=1)
+    avoid_t = torch.tensor(avoid, dtype=torch.float64).view(-1, 3)
+    for _ in range(64):
+        order = rng.sample(range(3), 3)
+        flips = [rng.random() < 0.5 for _ in range(3)]
+        flip = torch.tensor(flips)
+        colour = torch.where(flip, 255 - mean[order], mean[order])
+        if len(avoid_t) and bool((torch.linalg.vector_norm(avoid_t - colour, dim=1) <= radius).any()):
+            continue
+        out = frames[:, order]
+        return torch.where(flip.view(1, 3, 1, 1), 255 - out, out)
+    return frames
 
 
 def collate(examples: list[dict]) -> dict:

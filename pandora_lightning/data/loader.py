@@ -203,6 +203,8 @@ def training_loader(
         encoded=data.precomputed,
         needs_frames=manifest.encoding.needs_frames if manifest.encoding is not None else True,
         recolor=data.recolor,
+        recolor_avoid=tuple(tuple(int(v) for v in c) for c in data.recolor_avoid),
+        recolor_avoid_radius=data.recolor_avoid_radius,
     )
     epoch_samples = data.epoch_samples or sum(s.samples for s in sets)
     return ShardLoader(ShardStream(cfg), data.num_workers, epoch_samples, data.max_bad_fraction, data.min_bad_samples)

@@ -69,6 +69,8 @@ class StreamConfig:
     encoded: bool = False  # read the precomputed inputs of `shards encode` (data.precomputed)
     needs_frames: bool = True  # with `encoded`: also decode the window's pixels (a generator without a VAE)
     recolor: float = 0.0  # share of clips recoloured (data.recolor, see dataset.recolor)
+    recolor_avoid: tuple = ()  # colours a recoloured clip must stay away from (data.recolor_avoid)
+    recolor_avoid_radius: float = 100.0
 
 
 def seeded(*parts) -> random.Random:
@@ -173,7 +175,7 @@ class ShardStream(IterableDataset):
             decoder = EncodedExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.needs_frames)
         else:
             decoder = ExampleDecoder(cfg.text_kind, cfg.frames, cfg.cond_frames, counter, cfg.size, cfg.rounds,
-                                     cfg.open_on_reference, cfg.recolor)
+                                     cfg.open_on_reference, cfg.recolor, cfg.recolor_avoid, cfg.recolor_avoid_radius)
         reported = (0, 0)
         examples, streak = [], 0
         for draw, raw in enumerate(raw_stream(cfg, self.epoch, slot, n_slots, block)):

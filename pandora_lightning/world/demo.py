@@ -12,6 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pandora_lightning.data.manifest import load_manifest
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.evaluation.loop import load_episodes, run_episodes
@@ -20,7 +22,7 @@ from pandora_lightning.recipe import load_recipe, score_callbacks
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.fit import fit
 from pandora_lightning.training.precision import autocast
-from pandora_lightning.world.domains import PRACTICE_DOMAINS, TRANSFER_DOMAIN, TRANSFER_HELD_OUT
+from pandora_lightning.world.domains import PRACTICE_DOMAINS, TRANSFER_DOMAIN, TRANSFER_HELD_OUT, get_domain
 from pandora_lightning.world.metrics import WORLD_METRICS
 from pandora_lightning.world.shards import ensure_world
 from pandora_lightning.world.simulator import WorldConfig
@@ -56,6 +58,13 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
 PRACTICE = {"manifest": "data_manifests/world-practice.yaml", "shards": "data/world-practice",
             "world": WorldConfig(held_out_rounds=8, practice=tuple(PRACTICE_DOMAINS)), "episodes": 128,
             "recolor": 0.5}
+
+
+def transfer_look(image_size: int = WORLD.image_size) -> list[int]:
+    """The transfer domain's background colour (its mean): recoloured clips stay away from it
+    (data.recolor_avoid), so none shows the held-out actions in the desert's sand."""
+    background = get_domain(TRANSFER_DOMAIN).background(image_size).reshape(-1, 3)
+    return [round(float(v)) for v in background.mean(axis=0)]
 
 
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:
@@ -106,7 +115,7 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     for stage in ("align", "instruct"):
         overrides = [f"run_dir={run_dir / stage}", f"seed={seed}", *world]
         if practice and stage == "instruct":
-            overrides.append(f"data.recolor={PRACTICE['recolor']}")
+            overrides += [f"data.recolor={PRACTICE['recolor']}", f"data.recolor_avoid=[{transfer_look()}]"]
         if checkpoint:
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
