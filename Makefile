@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
 
-.PHONY: demo demo-seeds demo-long demo-history test bench install clean
+.PHONY: demo demo-seeds demo-long demo-practice demo-history test bench install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo-seeds: $(STAMP)
 # the world benchmark's in-domain bars (README, "The demo model").
 demo-long: $(STAMP)
 	$(PY) -m pandora_lightning demo --long --overwrite
+
+# demo-long beside the world's practice domains, the instruct stage on recoloured clips too, about 20
+# minutes: the transfer figures (README, "The demo model", "Transfer").
+demo-practice: $(STAMP)
+	$(PY) -m pandora_lightning demo --practice --long --overwrite
 
 # The history world (rounds said as "again" / "go back") and recipes/tiny-history, trained as long as
 # demo-long, about 31 minutes: the model behind the README's history figures ("Sessions").
