@@ -174,7 +174,7 @@ def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monke
     seen, worlds = {}, []
 
     def fake_fit(recipe, callbacks=(), overwrite=False):
-        seen[recipe.stage] = (recipe.data.manifest, recipe.vocabulary, recipe.data.recolor)
+        seen[recipe.stage] = (recipe.data.manifest, recipe.vocabulary, recipe.data.recolor, recipe.data.recolor_avoid)
         if recipe.stage == "instruct":
             raise Trained
         return tmp_path / "align.safetensors"
@@ -186,6 +186,9 @@ def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monke
     manifest, counts, cfg = worlds[0]
     assert manifest == demo.PRACTICE["manifest"] and counts["practice"] > 0 and cfg.practice
     vocabulary = "data_manifests/world-practice.vocab.txt"
-    assert seen == {"align": (manifest, vocabulary, 0.0), "instruct": (manifest, vocabulary, demo.PRACTICE["recolor"])}
+    sand = demo.transfer_look()
+    assert sand == [218, 182, 125]  # the desert's mean colour
+    assert seen == {"align": (manifest, vocabulary, 0.0, []),
+                    "instruct": (manifest, vocabulary, demo.PRACTICE["recolor"], [sand])}
     assert main(["demo", "--history", "--practice"]) == 2
     assert "choose one" in capsys.readouterr().err
