@@ -17,8 +17,11 @@ def _fit(args) -> None:
     from pandora_lightning.training.fit import fit
     from pandora_lightning.world.metrics import WORLD_METRICS
 
+    from pandora_lightning.training.parallel import leave_process
+
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"final checkpoint: {fit(recipe, score_callbacks(recipe, [WORLD_METRICS]), overwrite=args.overwrite)}")
+    leave_process(0)  # a rank of a multi-process run ends here, past Python's shutdown
 
 
 def _generate(args) -> None:

@@ -109,5 +109,9 @@ if __name__ == "__main__":
 
     out_dir, recipe_path, *overrides = sys.argv[1:]
     fit(load_recipe(recipe_path, overrides), callbacks=[StepLog(Path(out_dir), int(os.environ.get("SIGNAL_AT_STEP", "0")))])
-    # fit tears the process group down itself (see parallel.end_process_group)
+    # fit tears the process group down itself (see parallel.end_process_group); then the rank leaves as
+    # the CLI's fit verb does (parallel.leave_process)
+    from pandora_lightning.training.parallel import leave_process
+
     (Path(out_dir) / f"ended-{os.environ['LOCAL_RANK']}.json").write_text(json.dumps({"group_left": dist.is_initialized()}))
+    leave_process(0)
