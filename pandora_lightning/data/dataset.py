@@ -137,7 +137,7 @@ class ExampleDecoder:
         check_recolor(recolor, kind)
         self.kind, self.frames, self.cond_frames, self.size, self.rounds = kind, frames, cond_frames, size, rounds
         self.open_on_reference, self.recolor = open_on_reference, recolor
-        self.recolor_avoid, self.recolor_avoid_radius = tuple(map(tuple, recolor_avoid)), recolor_avoid_radius
+        self.recolor_avoid, self.recolor_avoid_radius = recolor_avoid, recolor_avoid_radius
         self.counter = counter if counter is not None else BadSampleCounter(log_each=True)
 
     @property
@@ -207,9 +207,8 @@ class ExampleDecoder:
 
 
 def check_recolor(share: float, kind: str) -> None:
-    """`data.recolor` is a share of clips, and only for action texts (a caption names the colours it would change)."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"data.recolor={share} must be a share of training clips in [0, 1]")
+    """`data.recolor` (a share, checked by DataConfig) only with action texts: a caption names the
+    colours it would change."""
     if share and kind != "action":
         raise ValueError(f"data.recolor={share} recolours clips whose {kind} texts name their colours; "
                          f"use it with action texts (data.text_kind=action, the instruct stage) or set data.recolor=0")

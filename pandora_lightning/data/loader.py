@@ -203,7 +203,7 @@ def training_loader(
         encoded=data.precomputed,
         needs_frames=manifest.encoding.needs_frames if manifest.encoding is not None else True,
         recolor=data.recolor,
-        recolor_avoid=tuple(tuple(int(v) for v in c) for c in data.recolor_avoid),
+        recolor_avoid=tuple(map(tuple, data.recolor_avoid)),
         recolor_avoid_radius=data.recolor_avoid_radius,
     )
     epoch_samples = data.epoch_samples or sum(s.samples for s in sets)

@@ -52,9 +52,9 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
 
 
 # `demo --practice`: the world with its training-only practice domains (`counts["practice"]` episodes
-# each, about a quarter of the training stream) and the instruct stage shown half its clips with their
-# colour channels in another order (data.recolor): what carries grow/shrink over to the desert
-# (README, "The demo model", "Transfer").
+# each, about 30% of the training stream) and the instruct stage shown half its clips recoloured
+# (data.recolor: channel orders and inversions, kept away from the desert's sand): what carries
+# grow/shrink over to the desert (README, "The demo model", "Transfer").
 PRACTICE = {"manifest": "data_manifests/world-practice.yaml", "shards": "data/world-practice",
             "world": WorldConfig(held_out_rounds=8, practice=tuple(PRACTICE_DOMAINS)), "episodes": 128,
             "recolor": 0.5}

@@ -226,7 +226,7 @@ DOMAINS: dict[str, Domain] = {
 # They are never scored, and none resembles the transfer domain's sand: a diagonal gradient (the
 # desert's kind) appears here only in teal, purple and dark green, so the transfer split still asks
 # for actions that no training frame on sand shows. What they teach is that an action does the same
-# thing on any background (README, "The demo model", "Practice domains").
+# thing on any background (README, "The built-in world", "Practice domains").
 PRACTICE_DOMAINS: dict[str, Domain] = {
     d.name: d
     for d in (
