@@ -137,7 +137,7 @@ def run_session_bench(
             "cached_no_window": run_rounds(model, rounds, 0, True, repeats=repeats),
             "uncached_no_window": run_rounds(model, rounds, 0, False, repeats=repeats),
         }
-        out: dict = {"rounds": rounds, "model": checkpoint or "tiny random, history_rounds=0", "runs": {},
+        out: dict = {"rounds": rounds, "model": checkpoint or "tiny random: whole history, previous answer", "runs": {},
                      "device": _device_name(model), "repeats": repeats}
         for name, run in runs.items():
             out["runs"][name] = {
@@ -253,7 +253,8 @@ def print_session_bench(out: dict) -> None:
         last = r[f"round{n}_s"]
         print(f"{name:>22}: round 1 {r['round1_s']:.3f} s, round {n} {last:.3f} s, "
               f"ratio {r['ratio_last_over_first']} (over round 2: {r['ratio_last_over_second']}; last 4 / first 4 rounds: "
-              f"{r['ratio_last4_over_first4']}); CPU time ratio {r['cpu_ratio_last_over_first']}; LLM side ratio {r['llm_side_ratio']}; "
+              f"{r['ratio_last4_over_first4']}); CPU time ratio {r['cpu_ratio_last_over_first']}; LLM side {1e3 * r['llm_side_round1_s']:.1f} -> "
+              f"{1e3 * r[f'llm_side_round{n}_s']:.1f} ms (ratio {r['llm_side_ratio']}); "
               f"cache bytes {r['cache_bytes_per_round'][0]} -> {r['cache_bytes_per_round'][-1]}, "
               f"memory {r['memory_mb_per_round'][0]} -> {r['memory_mb_per_round'][-1]} MB")
     print(f"cached vs uncached frames, max abs: {out['cached_vs_uncached_max_abs']:.2e} (no window), "
