@@ -1,6 +1,7 @@
 """The scoring metrics: exact reference math, torchmetrics agreement, world ground truth, sync."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -23,7 +24,7 @@ from pandora_lightning.evaluation.metrics import (
     VideoSSIM,
     frechet_distance,
 )
-from pandora_lightning.world.metrics import ActionFollowing, TemporalConsistency
+from pandora_lightning.world.metrics import ActionFollowing, StateFidelity, TemporalConsistency
 from pandora_lightning.world import DOMAINS, WorldConfig, render_states, sample_episode, simulate, valid_actions
 
 WORLD = WorldConfig()
@@ -242,6 +243,41 @@ def test_temporal_consistency_sees_a_lost_object_and_a_stained_background():
     out = metric.report()
     assert out["temporal_object"]["overall"] == 1.0
     assert 0.7 < out["temporal_background"]["overall"] < 0.95
+
+
+def test_psnr_at_state_judges_drawing_not_where_the_object_went():
+    # Drawn perfectly, but 1 px further right in round 1, 2 px in round 2, ... (as a rollout's position
+    # errors add up): ground-truth PSNR falls round by round, the PSNR at the state shown does not.
+    rng = np.random.default_rng(5)
+    truth, drifted, episodes = [], [], []
+    for name in DOMAINS:
+        for _ in range(2):
+            ep = sample_episode(WORLD, name, rng)
+            shifted = [s if t < WORLD.cond_frames else
+                       dataclasses.replace(s, x=s.x + 1 + (t - WORLD.cond_frames) // WORLD.round_frames)
+                       for t, s in enumerate(ep.states)]
+            truth.append(ep.frames)
+            drifted.append(render_states(DOMAINS[name], shifted, WORLD.image_size))
+            episodes.append({"domain": name, "actions": ep.actions})
+    videos, drifted = (torch.from_numpy(np.stack(v)).permute(0, 1, 4, 2, 3) for v in (truth, drifted))
+    truth_psnr = [float(peak_signal_noise_ratio(drifted[:, s].float(), videos[:, s].float(), data_range=255.0))
+                  for s in (slice(2, 6), slice(6, 10), slice(10, 14))]
+    assert truth_psnr[0] > truth_psnr[1] > truth_psnr[2]
+    metric = StateFidelity(WORLD.cond_frames, WORLD.round_frames)
+    metric.update(drifted, episodes)
+    per_round = metric.report()["psnr_at_state"]["per_round"]
+    assert min(per_round) > 35 and max(per_round) - min(per_round) < 3, per_round
+    # Blurred from round 2 on (soft rims, as compounding rounds draw them): round 1 stays, rounds 2-3 fall.
+    blurred = videos.float()
+    late = blurred[:, WORLD.cond_frames + WORLD.round_frames :].flatten(0, 1)
+    kernel = torch.full((3, 1, 3, 3), 1 / 9)
+    blurred[:, WORLD.cond_frames + WORLD.round_frames :] = F.conv2d(F.pad(late, (1, 1, 1, 1), mode="replicate"), kernel,
+                                                                   groups=3).unflatten(0, blurred.shape[:1] + (-1,))
+    metric = StateFidelity(WORLD.cond_frames, WORLD.round_frames)
+    metric.update(blurred.round().byte(), episodes)
+    report = metric.report()["psnr_at_state"]
+    assert report["per_round"][0] > 35 > 25 > report["per_round"][1], report["per_round"]
+    assert set(report["per_domain"]) == set(DOMAINS) and report["count"] == len(episodes) * 3 * WORLD.round_frames
 
 
 def tiny_clip(path) -> str:

@@ -25,7 +25,8 @@ from pandora_lightning.world import DOMAINS, ObjectState, parse_action, render_s
 from tests.conftest import RECIPES, tiny_recipe
 from tests.test_metrics import save_detector
 
-METRICS = {"psnr", "ssim", "action_following", "action_following_lenient", "temporal_object", "temporal_background"}
+METRICS = {"psnr", "ssim", "action_following", "action_following_lenient", "temporal_object", "temporal_background",
+           "psnr_at_state"}
 
 
 def score(args: list[str], capsys) -> tuple[int, str]:

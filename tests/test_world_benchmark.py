@@ -28,6 +28,7 @@ from pandora_lightning.world import (
     valid_actions,
 )
 from pandora_lightning.world.baseline import best_baseline, text_ignoring_baselines
+from pandora_lightning.world.drift import exact_drawer_psnr
 from pandora_lightning.world.domains import ALL_DOMAINS, HELD_OUT_SHADES, MIN_CONTRAST, PRACTICE_DOMAINS, TRAIN_SHADES, get_domain, shade
 from pandora_lightning.world.measure import RATE_TOLERANCE, judge_round
 from pandora_lightning.world.phrasing import CORES
@@ -297,3 +298,16 @@ def test_phrasing_grammar_holds_out_combinations_of_known_words():
         assert parse_action(action) == action
     with pytest.raises(ValueError, match="opener"):
         parse_action("teleport")
+
+
+def test_an_exact_drawer_that_lands_slightly_off_loses_psnr_round_by_round():
+    # Why "psnr_at_state" exists: against the ground truth, tiny position misses that add up over rounds
+    # cost a drawer that never blurs more PSNR between round 1 and 3 than a 1 dB drift budget allows.
+    cfg = WorldConfig(held_out_rounds=4)
+    rng = np.random.default_rng(0)
+    episodes = [sample_episode(cfg, d, rng, split="val") for d in DOMAINS for _ in range(12)]
+    assert np.isinf(exact_drawer_psnr(episodes, 0.0, cfg)).all()  # no miss: the ground truth itself
+    for miss in (0.05, 0.2):
+        psnr = exact_drawer_psnr(episodes, miss, cfg)
+        assert len(psnr) == 4 and psnr[0] - psnr[2] > 1.5, (miss, psnr)
+    assert exact_drawer_psnr(episodes, 0.2, cfg)[0] < exact_drawer_psnr(episodes, 0.05, cfg)[0]

@@ -23,6 +23,8 @@ METRICS = {
                                   "domain never showed in training (world transfer split)"),
     "temporal_object": ("object kept", True, "share of generated frames keeping the start object's colour and shape (world)"),
     "temporal_background": ("background kept", True, "share of background pixels kept within tolerance (world)"),
+    "psnr_at_state": ("PSNR at the state shown dB", True, "generated frames vs the world's rendering of the position and "
+                      "size they show, in the start colour: drawing alone, not where the object went (world)"),
     "psnr": ("PSNR dB", True, "generated vs ground-truth frames, mean over generated frames"),
     "ssim": ("SSIM", True, "generated vs ground-truth frames, mean over generated frames"),
     "fvd": ("FVD", False, "Frechet distance of I3D features, generated vs ground-truth clips"),

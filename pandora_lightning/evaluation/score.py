@@ -6,7 +6,7 @@ inputs allow; write scores.json, scores.md and PNG plots.
 | psnr, ssim (per frame, round, domain) | the samples' action spans line up with the model's rounds |
 | fvd | `fvd_detector` names a TorchScript I3D file |
 | clip_score | `clip_model` names a local CLIP directory |
-| a domain's own metrics (the built-in world: action_following, temporal_object, temporal_background) | a plugin given to `run_score` recognises the episodes |
+| a domain's own metrics (the built-in world: action_following, temporal_object, temporal_background, psnr_at_state) | a plugin given to `run_score` recognises the episodes |
 
 A metric that cannot run is listed under "skipped" with the reason, never left out silently.
 """

@@ -82,8 +82,9 @@ def split_summary(report: dict) -> dict:
             if "baseline" in entry:
                 out[name]["chance"] = entry["baseline"]["overall"]
                 out[name]["chance_per_domain"] = entry["baseline"]["per_domain"]
-    if "psnr" in report:
-        out["psnr"] = {"overall": report["psnr"]["overall"], "per_round": report["psnr"]["per_round"]}
+    for name in ("psnr", "psnr_at_state"):
+        if name in report:
+            out[name] = {"overall": report[name]["overall"], "per_round": report[name]["per_round"]}
     # rounds said as "again" / "go back" (the history world), strict and lenient
     for key, share in (("history", "action_following"), ("history_lenient", "action_following_lenient")):
         entry = report.get(share, {})
@@ -214,6 +215,8 @@ def print_summary(summary: dict) -> None:
             extra.append("PSNR by round " + " ".join("n/a" if v is None else f"{v:.1f}" for v in res["psnr"]["per_round"]))
         if extra:
             print("  " + "; ".join(extra))
+        if "psnr_at_state" in res:  # drawing alone: against the state each frame shows (world/metrics.StateFidelity)
+            print("  PSNR at the state shown, by round " + " ".join(f"{v:.1f}" for v in res["psnr_at_state"]["per_round"]))
         for key, kind in (("history", "strict"), ("history_lenient", "lenient")):
             if key in res:
                 h = res[key]
