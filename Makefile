@@ -27,8 +27,9 @@ demo-seeds: $(STAMP)
 demo-long: $(STAMP)
 	$(PY) -m pandora_lightning demo --long --overwrite
 
-# demo-long beside the world's practice domains, the instruct stage on recoloured clips too, about 20
-# minutes: the transfer figures (README, "The demo model", "Transfer").
+# The history demo's model (recipes/tiny-history, 3-round windows) trained as long as demo-long beside the
+# world's practice domains, the instruct stage on recoloured clips too, about 30 minutes: the transfer
+# figures (README, "The demo model", "Transfer").
 demo-practice: $(STAMP)
 	$(PY) -m pandora_lightning demo --practice --long --overwrite
 

@@ -163,8 +163,8 @@ def test_demo_long_trains_the_recipes_longer(monkeypatch, tmp_path, capsys):
 
 
 def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monkeypatch, tmp_path, capsys):
-    """`demo --practice`: both stages read the practice world's manifest and vocabulary; only the
-    instruct stage (action texts) sees recoloured clips."""
+    """`demo --practice`: both stages train the history demo's model on the practice world's manifest
+    and vocabulary; only the instruct stage (action texts) sees recoloured clips."""
     import pandora_lightning.world.demo as demo
     from pandora_lightning.cli import main
 
@@ -175,6 +175,8 @@ def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monke
 
     def fake_fit(recipe, callbacks=(), overwrite=False):
         seen[recipe.stage] = (recipe.data.manifest, recipe.vocabulary, recipe.data.recolor, recipe.data.recolor_avoid)
+        # the history demo's model, on windows of a whole 3-round training episode of the practice world
+        assert (recipe.data.rounds, recipe.model.llm.history_rounds, recipe.model.llm.previous_answer) == (3, 3, True)
         if recipe.stage == "instruct":
             raise Trained
         return tmp_path / "align.safetensors"

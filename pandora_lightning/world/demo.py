@@ -54,10 +54,13 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
 # `demo --practice`: the world with its training-only practice domains (`counts["practice"]` episodes
 # each, about 30% of the training stream) and the instruct stage shown half its clips recoloured
 # (data.recolor: channel orders and inversions, kept away from the desert's sand): what carries
-# grow/shrink over to the desert (README, "The demo model", "Transfer").
+# grow/shrink over to the desert (README, "The demo model", "Transfer"). The model is the history
+# demo's (recipes/tiny-history: the LLM reads the 2 rounds before and the previous answer), trained on
+# windows of 3 rounds, a whole training episode of this world: it transfers and drifts less than
+# recipes/tiny on the same data (docs/demo-model.md, "Transfer").
 PRACTICE = {"manifest": "data_manifests/world-practice.yaml", "shards": "data/world-practice",
             "world": WorldConfig(held_out_rounds=8, practice=tuple(PRACTICE_DOMAINS)), "episodes": 128,
-            "recolor": 0.5}
+            "recolor": 0.5, "recipes": "recipes/tiny-history", "rounds": 3}
 
 
 def transfer_look(image_size: int = WORLD.image_size) -> list[int]:
@@ -105,9 +108,10 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     if history:
         ensure_world(HISTORY["manifest"], HISTORY["shards"], COUNTS, 128, HISTORY["world"])
     elif practice:
-        manifest_path = PRACTICE["manifest"]
+        manifest_path, recipes = PRACTICE["manifest"], PRACTICE["recipes"]
         ensure_world(manifest_path, PRACTICE["shards"], {**COUNTS, "practice": PRACTICE["episodes"]}, 128, PRACTICE["world"])
-        world = [f"data.manifest={manifest_path}", f"vocabulary={vocabulary_path(manifest_path)}"]
+        world = [f"data.manifest={manifest_path}", f"vocabulary={vocabulary_path(manifest_path)}",
+                 f"data.rounds={PRACTICE['rounds']}"]
     else:
         build_world()
     timings["shards_s"] = round(time.time() - started, 1)
