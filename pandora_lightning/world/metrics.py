@@ -277,11 +277,12 @@ class StateFidelity(_RoundMetric):
 
     PSNR against the ground truth mixes two things over a rollout: where the object went (which the
     action metrics judge round by round) and how it is drawn. Position errors add up from round to round,
-    so a model that draws perfectly but is 0.05 px off per round loses ~3.5 dB between round 1 and 3
-    (README, "Drift"): a drop in ground-truth PSNR rewards blurry first rounds. Here the reference is the
+    so a model that draws perfectly but is 0.05 px off per round loses ~4 dB between round 1 and 3
+    (`world.drift`): a drop in ground-truth PSNR rewards blurry first rounds. Here the reference is the
     simulator's frame at the generated frame's measured position and size, in the start state's colour,
     so only drawing counts: soft rims, smears, stray blobs and colour drift. A frame in which no object
-    is found is compared with the start state's frame. "psnr_at_state" is the PSNR of the mean squared
+    is found is compared with the start state's frame; a rollout whose start state shows no object is
+    left out. "psnr_at_state" is the PSNR of the mean squared
     error over the frames of a domain and round (uint8 range), in dB, at most 100 (drawn exactly).
     """
 
@@ -298,7 +299,10 @@ class StateFidelity(_RoundMetric):
             if not n:
                 continue
             size = video.shape[1]
-            start = state_from_row(measure_states(video[self.cond_frames - 1 : self.cond_frames], domain, size)[0])
+            given = measure_states(video[self.cond_frames - 1 : self.cond_frames], domain, size)[0]
+            if np.isnan(given).any():
+                continue
+            start = state_from_row(given)
             new = video[self.cond_frames : self.span(n - 1).stop]
             shown = [start if np.isnan(row).any() else replace(state_from_row(row), color=start.color)
                      for row in measure_states(new, domain, size)]
