@@ -206,6 +206,17 @@ def test_mixing_follows_the_weights_not_the_set_sizes(tmp_path):
         assert abs(domains[domain] / 240 - weight) < 0.02, domains
 
 
+def test_data_domains_trains_on_those_domains_only_with_their_weights_renormalised(tmp_path):
+    weights = {"meadow": 0.5, "space": 0.3, "ocean": 0.2}
+    manifest = write_sets(tmp_path, {"meadow": (1, 4), "space": (2, 4), "ocean": (3, 4)}, weights)
+    loader = make_loader(manifest, batch=8, domains=["space", "ocean"])
+    assert len(loader) == 20 // 8  # an epoch is the chosen sets' 8 + 12 samples
+    domains = Counter(key.split("-")[0] for key in take(loader, 2))
+    assert set(domains) == {"space", "ocean"} and abs(domains["space"] / 16 - 0.6) <= 0.13, domains
+    with pytest.raises(PandoraError, match="data.domains: desert not in split 'train'.*it has: meadow, space, ocean"):
+        make_loader(manifest, domains=["ocean", "desert"])
+
+
 def test_an_epoch_reads_every_sample_once_across_workers(tmp_path):
     manifest = write_sets(tmp_path, {"meadow": (4, 3), "space": (2, 2)})  # 12 + 4 samples, weights 0.75 / 0.25
     loader = make_loader(manifest, workers=2, batch=2)

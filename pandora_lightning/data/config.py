@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 class DataConfig:
     manifest: str | None = None  # a data_manifests/*.yaml file (required for training)
     split: str = "train"
+    # Train on these domains of the split only (their manifest weights renormalised); empty: every
+    # domain. E.g. `demo --practice`'s polish stage leaves the practice domains out.
+    domains: list[str] = field(default_factory=list)
     batch_size: int = 8
     num_workers: int = 1
     shuffle_buffer: int = 128

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 from pandora_lightning.data.config import DataConfig
 from pandora_lightning.errors import PandoraError
 from pandora_lightning.data.dataset import bad_limit_reached
-from pandora_lightning.data.manifest import Manifest
+from pandora_lightning.data.manifest import Manifest, ShardSet
 from pandora_lightning.data.stream import SetSpec, ShardStream, StreamConfig
 from pandora_lightning.data.tar import printable
 
@@ -183,11 +184,24 @@ class ShardLoader:
         )
 
 
+def chosen_sets(manifest: Manifest, split: str, domains: Sequence[str] = ()) -> list[ShardSet]:
+    """The shard sets of `split`, only those of `domains` when given (data.domains); an unknown domain is refused."""
+    sets = manifest.sets_for(split)
+    if not domains:
+        return sets
+    have = [s.domain for s in sets]
+    missing = [d for d in domains if d not in have]
+    if missing:
+        raise PandoraError(f"data.domains: {', '.join(missing)} not in split '{split}' of manifest {manifest.path} "
+                           f"(it has: {', '.join(have)}); list domains it has, or leave data.domains empty for all")
+    return [s for s in sets if s.domain in domains]
+
+
 def training_loader(
     manifest: Manifest, data: DataConfig, text_kind: str, frames: int, cond_frames: int, size: tuple[int, int], seed: int
 ) -> ShardLoader:
     """The loader for a recipe's data block: `data.split` of `manifest`, windows of `frames` frames of `size` (H, W)."""
-    sets = manifest.sets_for(data.split)
+    sets = chosen_sets(manifest, data.split, data.domains)
     cfg = StreamConfig(
         sets=tuple(SetSpec(f"{s.split}/{s.domain}", tuple(manifest.urls(s)), s.weight) for s in sets),
         text_kind=text_kind,
