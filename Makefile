@@ -28,8 +28,8 @@ demo-long: $(STAMP)
 	$(PY) -m pandora_lightning demo --long --overwrite
 
 # The history demo's model (recipes/tiny-history, 3-round windows) trained as long as demo-long beside the
-# world's practice domains, the instruct stage on recoloured clips too, about 30 minutes: the transfer
-# figures (README, "The demo model", "Transfer").
+# world's practice domains, the instruct stage on recoloured clips too, then polished on the scored
+# domains, about 35 minutes: the transfer figures (README, "The demo model", "Transfer").
 demo-practice: $(STAMP)
 	$(PY) -m pandora_lightning demo --practice --long --overwrite
 

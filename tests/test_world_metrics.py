@@ -3,6 +3,7 @@ interval over episodes, the text-ignoring chance level, the held-out-action roun
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from pandora_lightning.evaluation.metrics.interval import bootstrap_interval
 from pandora_lightning.evaluation.report import markdown
+from pandora_lightning.recipe import load_recipe
 from pandora_lightning.world import DOMAINS, SPLITS, TRANSFER_DOMAIN, ObjectState, WorldConfig, render_states, sample_episode, simulate
+from pandora_lightning.world.domains import PRACTICE_DOMAINS
 from pandora_lightning.world.metrics import ActionFollowing
 from pandora_lightning.world.shards import episode_metadata
 
@@ -139,7 +142,6 @@ def test_demo_long_trains_the_recipes_longer(monkeypatch, tmp_path, capsys):
     """`demo --long` multiplies each tiny recipe's own steps (align 2x, instruct 4x) and nothing else."""
     import pandora_lightning.world.demo as demo
     from pandora_lightning.cli import main
-    from pandora_lightning.recipe import load_recipe
 
     class Trained(Exception):
         pass
@@ -162,9 +164,10 @@ def test_demo_long_trains_the_recipes_longer(monkeypatch, tmp_path, capsys):
     assert "choose one" in capsys.readouterr().err
 
 
-def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monkeypatch, tmp_path, capsys):
-    """`demo --practice`: both stages train the history demo's model on the practice world's manifest
-    and vocabulary; only the instruct stage (action texts) sees recoloured clips."""
+def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polishes_on_scored_domains(monkeypatch, tmp_path, capsys):
+    """`demo --practice`: every stage trains the history demo's model on the practice world's manifest
+    and vocabulary; the instruct stage (action texts) sees recoloured clips; the polish stage goes on
+    from the instruct checkpoint on the scored domains alone, at its own learning rate and share of steps."""
     import pandora_lightning.world.demo as demo
     from pandora_lightning.cli import main
 
@@ -174,23 +177,32 @@ def test_demo_practice_trains_on_the_practice_world_and_recolours_instruct(monke
     seen, worlds = {}, []
 
     def fake_fit(recipe, callbacks=(), overwrite=False):
-        seen[recipe.stage] = (recipe.data.manifest, recipe.vocabulary, recipe.data.recolor, recipe.data.recolor_avoid)
+        stage = Path(recipe.run_dir).name
+        seen[stage] = (recipe.stage, recipe.data.manifest, recipe.vocabulary, recipe.data.recolor, recipe.data.recolor_avoid,
+                       list(recipe.data.domains), recipe.init_from, recipe.optim.lr, recipe.trainer.max_steps)
         # the history demo's model, on windows of a whole 3-round training episode of the practice world
         assert (recipe.data.rounds, recipe.model.llm.history_rounds, recipe.model.llm.previous_answer) == (3, 3, True)
-        if recipe.stage == "instruct":
+        if stage == "polish":
             raise Trained
-        return tmp_path / "align.safetensors"
+        return tmp_path / f"{stage}.safetensors"
 
     monkeypatch.setattr(demo, "ensure_world", lambda manifest, shards, counts, per, cfg: worlds.append((manifest, counts, cfg)))
     monkeypatch.setattr(demo, "fit", fake_fit)
     with pytest.raises(Trained):
-        demo.run_demo(tmp_path / "run", practice=True)
+        demo.run_demo(tmp_path / "run", practice=True, long=True)
     manifest, counts, cfg = worlds[0]
     assert manifest == demo.PRACTICE["manifest"] and counts["practice"] > 0 and cfg.practice
     vocabulary = "data_manifests/world-practice.vocab.txt"
     sand = demo.transfer_look()
     assert sand == [218, 182, 125]  # the desert's mean colour
-    assert seen == {"align": (manifest, vocabulary, 0.0, []),
-                    "instruct": (manifest, vocabulary, demo.PRACTICE["recolor"], [sand])}
+    own = load_recipe("recipes/tiny-history/instruct.yaml")
+    instruct_steps = 4 * own.trainer.max_steps
+    polish = demo.PRACTICE["polish"]
+    assert seen["align"][:6] == ("align", manifest, vocabulary, 0.0, [], [])
+    assert seen["instruct"] == ("instruct", manifest, vocabulary, demo.PRACTICE["recolor"], [sand], [],
+                                str(tmp_path / "align.safetensors"), own.optim.lr, instruct_steps)
+    assert seen["polish"] == ("instruct", manifest, vocabulary, polish["recolor"], [sand], ["meadow", "space", "ocean", "desert"],
+                              str(tmp_path / "instruct.safetensors"), polish["lr"], round(instruct_steps * polish["share"]))
+    assert not set(seen["polish"][5]) & set(PRACTICE_DOMAINS)
     assert main(["demo", "--history", "--practice"]) == 2
     assert "choose one" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from pandora_lightning.recipe import load_recipe, score_callbacks
 from pandora_lightning.training.checkpoint import load_stage
 from pandora_lightning.training.fit import fit
 from pandora_lightning.training.precision import autocast
-from pandora_lightning.world.domains import PRACTICE_DOMAINS, TRANSFER_DOMAIN, TRANSFER_HELD_OUT, get_domain
+from pandora_lightning.world.domains import DOMAINS, PRACTICE_DOMAINS, TRANSFER_DOMAIN, TRANSFER_HELD_OUT, get_domain
 from pandora_lightning.world.metrics import WORLD_METRICS
 from pandora_lightning.world.shards import ensure_world
 from pandora_lightning.world.simulator import WorldConfig
@@ -51,6 +51,12 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
            "world": WorldConfig(rounds=4, history=0.5, held_out_rounds=8)}
 
 
+# `demo --practice`'s third stage: the instruct recipe again from the instruct checkpoint, on the scored
+# domains alone (data.domains) with `recolor` of the clips recoloured, at learning rate `lr`, for `share`
+# of the instruct stage's steps: the practice domains and recoloured clips teach the transfer, the polish
+# gives the scored domains back what sharing the model with them cost (docs/demo-model.md, "Polish").
+POLISH = {"share": 0.25, "lr": 1.0e-3, "recolor": 0.2}
+
 # `demo --practice`: the world with its training-only practice domains (`counts["practice"]` episodes
 # each, about 30% of the training stream) and the instruct stage shown half its clips recoloured
 # (data.recolor: channel orders and inversions, kept away from the desert's sand): what carries
@@ -60,7 +66,7 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
 # than recipes/tiny and keeps more in-domain accuracy (docs/demo-model.md, "Transfer").
 PRACTICE = {"manifest": "data_manifests/world-practice.yaml", "shards": "data/world-practice",
             "world": WorldConfig(held_out_rounds=8, practice=tuple(PRACTICE_DOMAINS)), "episodes": 128,
-            "recolor": 0.5, "recipes": "recipes/tiny-history", "rounds": 3}
+            "recolor": 0.5, "recipes": "recipes/tiny-history", "rounds": 3, "polish": POLISH}
 
 
 def transfer_look(image_size: int = WORLD.image_size) -> list[int]:
@@ -117,18 +123,24 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     timings["shards_s"] = round(time.time() - started, 1)
     steps = {"align": 3, "instruct": 3} if quick else {}
     checkpoint = None
-    for stage in ("align", "instruct"):
+    for stage in ("align", "instruct", "polish") if practice else ("align", "instruct"):
         overrides = [f"run_dir={run_dir / stage}", f"seed={seed}", *world]
-        if practice and stage == "instruct":
-            overrides += [f"data.recolor={PRACTICE['recolor']}", f"data.recolor_avoid=[{transfer_look()}]"]
+        if practice and stage != "align":
+            recolor = PRACTICE["polish"]["recolor"] if stage == "polish" else PRACTICE["recolor"]
+            overrides += [f"data.recolor={recolor}", f"data.recolor_avoid=[{transfer_look()}]"]
+        if stage == "polish":
+            scored = ",".join(DOMAINS)
+            polish_steps = max(1, round(steps["instruct"] * PRACTICE["polish"]["share"]))
+            overrides += [f"data.domains=[{scored}]", f"optim.lr={PRACTICE['polish']['lr']}", f"trainer.max_steps={polish_steps}"]
         if checkpoint:
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
             overrides.append(f"trainer.max_steps={steps[stage]}")
-        recipe = load_recipe(f"{recipes}/{stage}.yaml", overrides)
-        if long:
+        recipe_file = f"{recipes}/{'instruct' if stage == 'polish' else stage}.yaml"
+        recipe = load_recipe(recipe_file, overrides)
+        if long and stage in LONG:
             overrides.append(f"trainer.max_steps={recipe.trainer.max_steps * LONG[stage]}")
-            recipe = load_recipe(f"{recipes}/{stage}.yaml", overrides)
+            recipe = load_recipe(recipe_file, overrides)
         t0 = time.time()
         checkpoint = fit(recipe, score_callbacks(recipe, [WORLD_METRICS]), overwrite=overwrite)
         timings[f"{stage}_s"] = round(time.time() - t0, 1)
