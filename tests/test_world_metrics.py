@@ -179,7 +179,7 @@ def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polis
     def fake_fit(recipe, callbacks=(), overwrite=False):
         stage = Path(recipe.run_dir).name
         seen[stage] = (recipe.stage, recipe.data.manifest, recipe.vocabulary, recipe.data.recolor, recipe.data.recolor_avoid,
-                       list(recipe.data.domains), recipe.init_from, recipe.optim.lr, recipe.trainer.max_steps)
+                       list(recipe.data.domains), recipe.init_from, recipe.optim.lr, recipe.trainer.max_steps, recipe.data.batch_size)
         # the history demo's model, on windows of a whole 3-round training episode of the practice world
         assert (recipe.data.rounds, recipe.model.llm.history_rounds, recipe.model.llm.previous_answer) == (3, 3, True)
         if stage == "polish":
@@ -200,9 +200,10 @@ def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polis
     polish = demo.PRACTICE["polish"]
     assert seen["align"][:6] == ("align", manifest, vocabulary, 0.0, [], [])
     assert seen["instruct"] == ("instruct", manifest, vocabulary, demo.PRACTICE["recolor"], [sand], [],
-                                str(tmp_path / "align.safetensors"), own.optim.lr, instruct_steps)
+                                str(tmp_path / "align.safetensors"), own.optim.lr, instruct_steps, own.data.batch_size)
     assert seen["polish"] == ("instruct", manifest, vocabulary, polish["recolor"], [sand], ["meadow", "space", "ocean", "desert"],
-                              str(tmp_path / "instruct.safetensors"), polish["lr"], round(instruct_steps * polish["share"]))
+                              str(tmp_path / "instruct.safetensors"), polish["lr"], round(instruct_steps * polish["share"]),
+                              polish["batch_size"])
     assert not set(seen["polish"][5]) & set(PRACTICE_DOMAINS)
     assert main(["demo", "--history", "--practice"]) == 2
     assert "choose one" in capsys.readouterr().err

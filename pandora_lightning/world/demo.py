@@ -52,10 +52,11 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
 
 
 # `demo --practice`'s third stage: the instruct recipe again from the instruct checkpoint, on the scored
-# domains alone (data.domains) with `recolor` of the clips recoloured, at learning rate `lr`, for `share`
-# of the instruct stage's steps: the practice domains and recoloured clips teach the transfer, the polish
-# gives the scored domains back what sharing the model with them cost (docs/demo-model.md, "Polish").
-POLISH = {"share": 0.25, "lr": 1.0e-3, "recolor": 0.2}
+# domains alone (data.domains) with `recolor` of the clips recoloured, at learning rate `lr` and
+# `batch_size` episodes a step, for `share` of the instruct stage's steps: the practice domains and
+# recoloured clips teach the transfer, the polish gives the scored domains back what sharing the model
+# with them cost, and its recoloured clips keep the transfer (docs/demo-model.md, "Polish").
+POLISH = {"share": 0.25, "lr": 1.0e-3, "recolor": 0.2, "batch_size": 6}
 
 # `demo --practice`: the world with its training-only practice domains (`counts["practice"]` episodes
 # each, about 30% of the training stream) and the instruct stage shown half its clips recoloured
@@ -131,7 +132,8 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
         if stage == "polish":
             scored = ",".join(DOMAINS)
             polish_steps = max(1, round(steps["instruct"] * PRACTICE["polish"]["share"]))
-            overrides += [f"data.domains=[{scored}]", f"optim.lr={PRACTICE['polish']['lr']}", f"trainer.max_steps={polish_steps}"]
+            overrides += [f"data.domains=[{scored}]", f"optim.lr={PRACTICE['polish']['lr']}", f"trainer.max_steps={polish_steps}",
+                          f"data.batch_size={PRACTICE['polish']['batch_size']}"]
         if checkpoint:
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
