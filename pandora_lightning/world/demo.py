@@ -77,6 +77,21 @@ def transfer_look(image_size: int = WORLD.image_size) -> list[int]:
     return [round(float(v)) for v in background.mean(axis=0)]
 
 
+def practice_overrides(stage: str, instruct_steps: int) -> list[str]:
+    """`demo --practice`'s overrides of one stage's recipe: recoloured clips in instruct and polish (never
+    in the sand's look), and the polish on the scored domains alone (POLISH) after `instruct_steps`."""
+    if stage == "align":
+        return []  # captions name the colours: no recolouring
+    polish = PRACTICE["polish"]
+    recolor = [f"data.recolor={polish['recolor'] if stage == 'polish' else PRACTICE['recolor']}",
+               f"data.recolor_avoid=[{transfer_look()}]"]
+    if stage == "instruct":
+        return recolor
+    steps = max(1, round(instruct_steps * polish["share"]))
+    return [*recolor, f"data.domains=[{','.join(DOMAINS)}]", f"optim.lr={polish['lr']}",
+            f"data.batch_size={polish['batch_size']}", f"trainer.max_steps={steps}"]
+
+
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:
     """Write the built-in world's shards, manifest and vocabulary unless they are already there."""
     ensure_world(manifest, shards, COUNTS, samples_per_shard=128, cfg=WORLD)
@@ -126,14 +141,8 @@ def run_demo(run_dir: Path, quick: bool = False, seed: int = 0, overwrite: bool 
     checkpoint = None
     for stage in ("align", "instruct", "polish") if practice else ("align", "instruct"):
         overrides = [f"run_dir={run_dir / stage}", f"seed={seed}", *world]
-        if practice and stage != "align":
-            recolor = PRACTICE["polish"]["recolor"] if stage == "polish" else PRACTICE["recolor"]
-            overrides += [f"data.recolor={recolor}", f"data.recolor_avoid=[{transfer_look()}]"]
-        if stage == "polish":
-            scored = ",".join(DOMAINS)
-            polish_steps = max(1, round(steps["instruct"] * PRACTICE["polish"]["share"]))
-            overrides += [f"data.domains=[{scored}]", f"optim.lr={PRACTICE['polish']['lr']}", f"trainer.max_steps={polish_steps}",
-                          f"data.batch_size={PRACTICE['polish']['batch_size']}"]
+        if practice:
+            overrides += practice_overrides(stage, steps.get("instruct", 0))
         if checkpoint:
             overrides.append(f"init_from={checkpoint}")
         if stage in steps:
