@@ -188,6 +188,8 @@ def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polis
 
     monkeypatch.setattr(demo, "ensure_world", lambda manifest, shards, counts, per, cfg: worlds.append((manifest, counts, cfg)))
     monkeypatch.setattr(demo, "fit", fake_fit)
+    # a polish learning rate unlike the recipe's own (the landed one equals it), so the override is seen
+    monkeypatch.setitem(demo.PRACTICE, "polish", {**demo.PRACTICE["polish"], "lr": 2.5e-4})
     with pytest.raises(Trained):
         demo.run_demo(tmp_path / "run", practice=True, long=True)
     manifest, counts, cfg = worlds[0]
@@ -198,6 +200,7 @@ def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polis
     own = load_recipe("recipes/tiny-history/instruct.yaml")
     instruct_steps = 4 * own.trainer.max_steps
     polish = demo.PRACTICE["polish"]
+    assert polish["lr"] != own.optim.lr and polish["batch_size"] != own.data.batch_size
     assert seen["align"][:6] == ("align", manifest, vocabulary, 0.0, [], [])
     assert seen["instruct"] == ("instruct", manifest, vocabulary, demo.PRACTICE["recolor"], [sand], [],
                                 str(tmp_path / "align.safetensors"), own.optim.lr, instruct_steps, own.data.batch_size)
