@@ -146,7 +146,7 @@ def history_manifest(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("answer", [False, True], ids=["history", "history+answer"])
 def test_multi_round_fit_with_history_trains_and_rolls_out(history_manifest, tmp_path, answer):
-    extra = ["model.llm.previous_answer=true",
+    extra = ["model.llm.previous_answer=true", "model.generator.cond_draft=0.5",
              "trainable=[input_adapter.*,llm.query_tokens,llm.model.model.*,output_adapter.*,answer_adapter.*,generator.unet.*,text_encoder.*]"]
     recipe = tiny_recipe("align", history_manifest, tmp_path / "align", "data.rounds=3", "model.llm.history_rounds=0",
                          "vocabulary=null", *(extra if answer else []))

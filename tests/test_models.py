@@ -137,10 +137,10 @@ def test_sampler_timesteps_train_that_share_of_clips_at_the_levels_the_sampler_v
 
 
 @pytest.mark.parametrize("bad", [{"timestep_power": 0.0}, {"cond_noise": -0.1}, {"cond_blur": 1.5}, {"cond_blur": -0.1},
-                                 {"sampler_timesteps": 1.5},
+                                 {"sampler_timesteps": 1.5}, {"cond_draft": 1.5}, {"cond_draft": -0.5},
                                  {"pretrained": "x", "family": "svd", "timestep_power": 2.0}])
 def test_tiny_noise_options_are_checked(bad):
-    with pytest.raises(PandoraError, match="timestep_power|cond_blur|sampler_timesteps"):
+    with pytest.raises(PandoraError, match="timestep_power|cond_blur|sampler_timesteps|cond_draft"):
         GeneratorConfig(**bad)
 
 
@@ -176,6 +176,56 @@ def test_cond_blur_softens_edges_of_the_given_frames_only():
     flat = torch.full((2, 6, 3, 32, 32), 0.3)
     torch.testing.assert_close(gen.blur_given(flat), flat)  # a flat frame is its own blur (replicate padding)
     assert (edge(build_generator(GeneratorConfig(cond_blur=0.0)).blur_given(frames)[:, :2]) == 2.0).all()
+
+
+@pytest.mark.parametrize("kind", ["sample", "epsilon", "v_prediction"])
+def test_draft_is_the_x0_prediction_for_every_prediction_type(kind):
+    """A UNet that predicts its target exactly drafts the real clip back, whatever it predicts (x0, noise
+    or velocity): the draft turns each into x0. One that predicts a zero change drafts the last given frame."""
+    torch.manual_seed(0)
+    gen = build_generator(GeneratorConfig(prediction_type=kind))
+    frames = torch.rand(4, 6, 3, 32, 32) * 2 - 1
+    x0 = gen.encode(frames) - gen.anchor(gen.encode(frames))
+    ab_of = lambda t: gen.train_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+
+    def exact(noisy, t, cond, context):
+        ab = ab_of(t)
+        noise = (noisy - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return {"sample": x0, "epsilon": noise, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[kind]
+
+    gen.denoise = exact
+    draft = gen.draft(frames, torch.randn(4, 8, 64))
+    assert torch.equal(draft[:, :2], frames[:, :2])  # the given frames are kept as they are
+    torch.testing.assert_close(draft, frames, atol=2e-3, rtol=0)
+    if kind == "sample":
+        gen.denoise = lambda noisy, t, cond, context: torch.zeros_like(noisy)
+        torch.testing.assert_close(gen.draft(frames, torch.randn(4, 8, 64))[:, 2:], frames[:, 1:2].expand(-1, 4, -1, -1, -1))
+
+
+def test_cond_draft_hands_each_round_the_draft_of_the_round_before(tmp_path):
+    """With cond_draft 1 every round after a window's first is given the last frames of the generator's
+    draft of the round before; the first round's given frames and every round's new frames stay real."""
+    recipe = load_recipe(ROOT / "recipes/tiny-history/instruct.yaml",
+                         ["vocabulary=null", "init_from=null", "model.generator.cond_draft=1.0", f"run_dir={tmp_path}"])
+    from pandora_lightning.training.stage import InstructStage
+
+    stage = InstructStage.from_recipe(recipe, vocabulary=words_of(CORPUS)).train()
+    drafted = []
+
+    def draft(clips, context):
+        drafted.append((clips.clone(), context))
+        return clips + 0.5  # a recognisable draft: the real clip shifted
+    stage.model.generator.draft = draft
+    clips = torch.rand(2, 4, 6, 3, 32, 32) * 2 - 1  # a window of 4 rounds
+    context = torch.randn(2, 4, 8, 64)
+    out = stage.drafted_given(clips, context)
+    assert torch.equal(drafted[0][0], clips[:, :3].flatten(0, 1))  # rounds 1-3 are drafted, from their own context
+    assert torch.equal(drafted[0][1], context[:, :3].flatten(0, 1))
+    assert torch.equal(out[:, 0], clips[:, 0])
+    assert torch.equal(out[:, 1:, 2:], clips[:, 1:, 2:])  # the targets stay real
+    torch.testing.assert_close(out[:, 1:, :2], clips[:, :3, -2:] + 0.5)  # the end of the round before's draft
+    stage.model.generator.cfg.cond_draft = 0.0
+    assert torch.equal(stage.drafted_given(clips, context), clips)
 
 
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):

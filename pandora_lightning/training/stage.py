@@ -140,16 +140,33 @@ class WorldModelStage(L.LightningModule):
             else:  # the stored embeddings of the window's text and of the empty text (text dropout)
                 empty = torch.tensor([d[0] for d in drop], device=encoded["teacher"].device).view(-1, 1, 1)
                 teacher = torch.where(empty, encoded["teacher_empty"], encoded["teacher"]).float()
+        context = adapter if cfg.context == "adapter" else teacher
         if multi:  # every round's clip: its given frames and its new frames
             f, n = self.model.new_frames, self.model.cond_frames
-            frames = torch.stack([frames[:, r * f : r * f + n + f] for r in range(len(texts[0]))], 1).flatten(0, 1)
+            frames = torch.stack([frames[:, r * f : r * f + n + f] for r in range(len(texts[0]))], 1)
+            if self.training and self.model.cfg.generator.cond_draft > 0 and frames.shape[1] > 1:
+                frames = self.drafted_given(frames, context.unflatten(0, frames.shape[:2]))
+            frames = frames.flatten(0, 1)
         gen = None if encoded is None else {k.removeprefix("gen."): v for k, v in encoded.items() if k.startswith("gen.")}
-        out = {"diffusion": self.diffusion_loss(frames, adapter if cfg.context == "adapter" else teacher, gen)}
+        out = {"diffusion": self.diffusion_loss(frames, context, gen)}
         if cfg.distill_weight > 0:
             # The teacher is the target, never pulled towards the adapter.
             out["distill"] = F.mse_loss(adapter.float(), teacher.detach().float())
         out["loss"] = out["diffusion"] + cfg.distill_weight * out.get("distill", 0.0)
         return out
+
+    def drafted_given(self, clips: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """clips (B, R, T, 3, H, W) of a multi-round window, context (B, R, N, D) -> the clips with the given frames
+        of a `generator.cond_draft` share of rounds 2..R replaced by the end of the generator's draft of the
+        round before (no gradient): what a rollout hands on, not the real frames. The LLM still reads the real ones."""
+        gen, n = self.model.generator, self.model.cond_frames
+        if not hasattr(gen, "draft"):  # a pretrained family: the key is the tiny generator's (see GeneratorConfig)
+            return clips
+        b, r = clips.shape[:2]
+        drafts = gen.draft(clips[:, :-1].flatten(0, 1), context[:, :-1].flatten(0, 1).detach()).unflatten(0, (b, r - 1))
+        chosen = (torch.rand(b, r - 1, device=clips.device) < gen.cfg.cond_draft).view(b, r - 1, 1, 1, 1, 1)
+        given = torch.where(chosen, drafts[:, :, -n:].to(clips.dtype), clips[:, 1:, :n])
+        return torch.cat([clips[:, :1], torch.cat([given, clips[:, 1:, n:]], dim=2)], dim=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with training_attention(self.trainer.precision, self.device):

@@ -166,6 +166,28 @@ class TinyGenerator(UNetDenoiser, nn.Module):
             target = x0 if kind == "sample" else noise
         return pred[:, n:], target[:, n:]
 
+    @torch.no_grad()
+    def draft(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 3, H, W), context (B, N, Dctx) -> the clip the UNet predicts in one call from the real
+        clip noised to a level drawn as training draws them (its x0 prediction), given frames kept: a draft with
+        the model's own errors, cheaper than a rollout by the sampler's step count (`cond_draft`)."""
+        n = self.cfg.cond_frames
+        latents = self.encode(frames)
+        anchor, cond = self.anchor(latents), self.condition(latents)
+        x0 = latents - anchor
+        timesteps = self.training_timesteps(x0.shape[0], x0.device)
+        noisy = self.train_scheduler.add_noise(x0, torch.randn_like(x0), timesteps)
+        pred = self.denoise(noisy, timesteps, cond, context).to(x0.dtype)
+        kind = self.train_scheduler.config.prediction_type
+        if kind != "sample":
+            ab = self.train_scheduler.alphas_cumprod.to(x0.device, x0.dtype)[timesteps].view(-1, 1, 1, 1, 1)
+            if kind == "v_prediction":
+                pred = ab.sqrt() * noisy - (1 - ab).sqrt() * pred
+            else:  # epsilon
+                pred = (noisy - (1 - ab).sqrt() * pred) / ab.sqrt()
+        clip = self.decode(pred + anchor)
+        return torch.cat([frames[:, :n], clip[:, n:]], dim=1)
+
     def training_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         """A training batch's noise levels: T * u ** (1 / timestep_power), u uniform; a `sampler_timesteps`
         share of the clips takes one of the levels the sampler visits instead (its num_inference_steps)."""
