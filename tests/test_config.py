@@ -57,6 +57,7 @@ def test_override_wins_over_yaml():
         ("model.input_adapter.tokens_per_frame=0", "tokens_per_frame=0 must be >= 1"),
         ("loss.context=llm", "loss.context='llm' is unknown"),
         ("model.generator.guidance_scale=0.5", "guidance_scale=0.5 must be >= 1"),
+        ("trainer.ema_decay=1.0", "trainer.ema_decay=1.0 must be in [0, 1)"),
     ],
 )
 def test_bad_recipe_values_name_the_key(override, message):

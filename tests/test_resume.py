@@ -75,6 +75,52 @@ def test_resumed_run_matches_an_uninterrupted_one(world_manifest, tmp_path, reco
     assert 0 <= float(last["data/wait_frac"]) < 1
 
 
+class WeightRecorder(L.Callback):
+    """The trainable weights a run starts with and has after each optimizer step."""
+
+    def __init__(self):
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def record(self, pl_module):
+        self.weights.append({n.removeprefix("model."): p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad})
+
+    def on_fit_start(self, trainer, pl_module):
+        self.record(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.record(pl_module)
+
+
+def test_the_model_file_holds_the_weight_average_and_a_resumed_run_keeps_it(world_manifest, tmp_path, monkeypatch, one_thread):
+    """trainer.ema_decay: the final model file holds decay-weighted averages of the weights the run went
+    through (from its start), and a run stopped and resumed writes the same file bit for bit."""
+    from safetensors.torch import load_file
+
+    recorders = []
+    build = train.build_trainer
+
+    def build_with_recorder(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        recorders.append(WeightRecorder())
+        trainer.callbacks.append(recorders[-1])
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", build_with_recorder)
+    common = ["data.epoch_samples=6", "trainer.checkpoint_every_n_steps=2", "init_from=null", "trainer.ema_decay=0.5"]
+    straight = load_file(train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "straight", "trainer.max_steps=4", *common)))
+    average = dict(recorders[0].weights[0])
+    for weights in recorders[0].weights[1:]:  # 4 steps
+        average = {n: 0.5 * average[n] + 0.5 * weights[n] for n in average}
+    assert len(recorders[0].weights) == 5
+    for name, value in average.items():
+        torch.testing.assert_close(straight[name], value, rtol=0, atol=1e-6)
+    assert all(not torch.equal(straight[n], recorders[0].weights[-1][n]) for n in average)  # not the last weights
+    train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "stopped", "trainer.max_steps=2", *common))
+    resumed = load_file(train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "stopped", "trainer.max_steps=4",
+                                              "trainer.resume_from=last", *common)))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_resume_under_ddp_matches_an_uninterrupted_run(world_manifest, tmp_path, monkeypatch, one_thread):
     """The same as above with 2 ranks (CPU DDP over gloo): each rank resumes its own data position."""
     runs = []  # per fit, the folder where each rank writes the keys it trained on (the ranks are forked)
@@ -116,3 +162,13 @@ def test_resume_under_ddp_matches_an_uninterrupted_run(world_manifest, tmp_path,
     # 2 ranks: every gradient element is all-reduced as the same sum of 2 numbers in both runs, so bit for bit.
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert not all(torch.equal(a[k], stopped["state_dict"][k]) for k in a), "the resumed run trained"
+
+
+def test_a_weight_average_under_fsdp2_is_refused_in_one_line(world_manifest, tmp_path):
+    from pandora_lightning.errors import PandoraError
+
+    recipe = tiny_recipe("instruct", world_manifest, tmp_path / "run", "parallel.strategy=fsdp2", "trainer.devices=2",
+                         "trainer.ema_decay=0.9")
+    with pytest.raises(PandoraError, match="trainer.ema_decay keeps a whole copy .* set trainer.ema_decay=0"):
+        train.fit(recipe)
+    assert not (tmp_path / "run").exists()

@@ -92,10 +92,14 @@ class GeneratorConfig:
     cond_blur: float = 0.0
     # Training on multi-round windows only: this share of the rounds after a window's first take as
     # given frames the generator's own draft of the round before (its x0 prediction from one noise
-    # level, drawn as training draws them; no gradient) instead of the real frames, so training sees
-    # the rims and colours a rollout hands on, and learns to repair them (0: off; docs/demo-model.md,
-    # "Own drafts as given frames"). Like cond_blur, a pretrained family ignores it.
+    # level, drawn uniformly from the lowest `cond_draft_noise` share of the schedule; no gradient)
+    # instead of the real frames, so training sees the rims and colours a rollout hands on, and
+    # learns to repair them (0: off; docs/demo-model.md, "Own drafts as given frames"). At low noise
+    # a draft keeps the state (where the object is, its size) and errs in the detail, as a rollout's
+    # rounds do; from high noise it errs in the state too, and the model learns to pull sizes back.
+    # Like cond_blur, a pretrained family ignores them.
     cond_draft: float = 0.0
+    cond_draft_noise: float = 1.0
     added_time_ids: list[float] = field(default_factory=lambda: [7.0, 127.0, 0.02])
 
     def __post_init__(self):
@@ -115,6 +119,8 @@ class GeneratorConfig:
             raise PandoraError(f"generator.cond_blur={self.cond_blur} is a share of clips: give a value in [0, 1]")
         if not 0.0 <= self.cond_draft <= 1.0:
             raise PandoraError(f"generator.cond_draft={self.cond_draft} is a share of rounds: give a value in [0, 1]")
+        if not 0.0 < self.cond_draft_noise <= 1.0:
+            raise PandoraError(f"generator.cond_draft_noise={self.cond_draft_noise} is a share of the noise schedule: give a value in (0, 1]")
         if not 0.0 <= self.sampler_timesteps <= 1.0:
             raise PandoraError(f"generator.sampler_timesteps={self.sampler_timesteps} is a share of clips: give a value in [0, 1]")
         if self.pretrained is not None and self.timestep_power != 1.0:

@@ -21,6 +21,7 @@ from pandora_lightning.training.adapt import init_adapt_from, with_base_model
 from pandora_lightning.training.callbacks import DataMonitor, RandomState
 from pandora_lightning.training.checkpoint import init_from, load_checkpoint_file
 from pandora_lightning.training.cluster import Requeue, check_slurm_layout, cluster_plugins
+from pandora_lightning.training.ema import WeightEMA
 from pandora_lightning.training.parallel import (
     build_strategy,
     check_machine,
@@ -79,7 +80,8 @@ def build_trainer(recipe: TrainingRecipe, run_dir: Path, extra_callbacks: list[L
         gradient_clip_val=cfg.gradient_clip_val or None,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=_logger(recipe, run_dir),
-        callbacks=[checkpoints, DataMonitor(), RandomState(), KeepLogHistory(), *extra_callbacks],
+        callbacks=[checkpoints, DataMonitor(), RandomState(), KeepLogHistory(),
+                   *([WeightEMA(cfg.ema_decay)] if cfg.ema_decay else []), *extra_callbacks],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         default_root_dir=run_dir,
@@ -103,6 +105,9 @@ def fit(recipe: TrainingRecipe, callbacks: list[L.Callback] = (), overwrite: boo
     """
     check_slurm_layout(recipe.trainer.devices, recipe.trainer.num_nodes)
     check_machine(recipe.parallel, recipe.trainer.devices, recipe.trainer.num_nodes)
+    if recipe.trainer.ema_decay and recipe.parallel.strategy == "fsdp2":
+        raise PandoraError("trainer.ema_decay keeps a whole copy of the trained weights on every rank, which "
+                           "parallel.strategy=fsdp2 shards; set trainer.ema_decay=0 (or train with ddp)")
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if recipe.stage == "adapt":
         recipe = with_base_model(recipe)
@@ -176,6 +181,8 @@ def _fit(recipe: TrainingRecipe, run_dir: Path, stage_cls, loader: ShardLoader, 
     # The model file: trained tensors + recipe + folder fingerprints (no optimizer state), what
     # generate, score, export and init_from read.
     final = run_dir / "checkpoints" / "final.safetensors"
+    for average in (c for c in trainer.callbacks if isinstance(c, WeightEMA)):
+        average.apply_to(module)  # the model file holds the average of the weights, not the last ones
     state = full_state_dict(module.model)  # gathered from the shards under fsdp2 (all ranks take part)
     if trainer.is_global_zero:
         write_model_file(final, module.model, dict(module.hparams), state)

@@ -120,9 +120,14 @@ class TrainerConfig:
     # Checkpoint to resume the whole training state from (weights, optimiser, step, data position,
     # random state); "last" = this run's checkpoints/last.ckpt.
     resume_from: str | None = None
+    # An exponential moving average of the trained weights, decay per optimizer step (0: off); the final
+    # model file holds the average (training/ema.py; docs/demo-model.md, "An average of the weights").
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         check_precision(self.precision)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1) (0: no average; 0.998 follows about 500 steps)")
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps={self.max_steps} must be >= 1 (Lightning's -1, 'no limit', is not a recipe value)")
         if self.logger not in ("csv", "tensorboard", "none"):

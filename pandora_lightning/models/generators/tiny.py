@@ -169,13 +169,15 @@ class TinyGenerator(UNetDenoiser, nn.Module):
     @torch.no_grad()
     def draft(self, frames: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """frames (B, T, 3, H, W), context (B, N, Dctx) -> the clip the UNet predicts in one call from the real
-        clip noised to a level drawn as training draws them (its x0 prediction), given frames kept: a draft with
-        the model's own errors, cheaper than a rollout by the sampler's step count (`cond_draft`)."""
+        clip noised to a level drawn uniformly from the lowest `cond_draft_noise` share of the schedule (its x0
+        prediction), given frames kept: a draft with the model's own errors, cheaper than a rollout by the
+        sampler's step count (`cond_draft`)."""
         n = self.cfg.cond_frames
         latents = self.encode(frames)
         anchor, cond = self.anchor(latents), self.condition(latents)
         x0 = latents - anchor
-        timesteps = self.training_timesteps(x0.shape[0], x0.device)
+        top = max(1, round(self.train_scheduler.config.num_train_timesteps * self.cfg.cond_draft_noise))
+        timesteps = torch.randint(top, (x0.shape[0],), device=x0.device)
         noisy = self.train_scheduler.add_noise(x0, torch.randn_like(x0), timesteps)
         pred = self.denoise(noisy, timesteps, cond, context).to(x0.dtype)
         kind = self.train_scheduler.config.prediction_type
