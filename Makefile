@@ -29,7 +29,7 @@ demo-long: $(STAMP)
 
 # The history demo's model (recipes/tiny-history, 3-round windows) trained as long as demo-long beside the
 # world's practice domains, the instruct stage on recoloured clips too, then polished on the scored
-# domains, about 35 minutes: the transfer figures (README, "The demo model", "Transfer").
+# domains (on its own drafts, weights averaged), about 35 minutes: the transfer figures (README, "The demo model", "Transfer").
 demo-practice: $(STAMP)
 	$(PY) -m pandora_lightning demo --practice --long --overwrite
 

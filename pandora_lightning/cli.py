@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--practice", action="store_true",
                    help="the transfer demo: the history demo's model (recipes/tiny-history, 3-round windows) trained "
                         "beside the world's practice domains, the instruct stage on recoloured clips too (data.recolor), then "
-                        "a polish stage on the scored domains alone")
+                        "a polish stage on the scored domains alone (its own drafts given to later rounds, its weights averaged)")
     p.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1 and report each and their spread")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the run folder")
     p.set_defaults(run=_demo)

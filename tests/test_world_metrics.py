@@ -167,7 +167,8 @@ def test_demo_long_trains_the_recipes_longer(monkeypatch, tmp_path, capsys):
 def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polishes_on_scored_domains(monkeypatch, tmp_path, capsys):
     """`demo --practice`: every stage trains the history demo's model on the practice world's manifest
     and vocabulary; the instruct stage (action texts) sees recoloured clips; the polish stage goes on
-    from the instruct checkpoint on the scored domains alone, at its own learning rate and share of steps."""
+    from the instruct checkpoint on the scored domains alone, at its own learning rate and share of steps,
+    with its own drafts as later rounds' given frames, and writes the average of its weights."""
     import pandora_lightning.world.demo as demo
     from pandora_lightning.cli import main
 
@@ -179,7 +180,8 @@ def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polis
     def fake_fit(recipe, callbacks=(), overwrite=False):
         stage = Path(recipe.run_dir).name
         seen[stage] = (recipe.stage, recipe.data.manifest, recipe.vocabulary, recipe.data.recolor, recipe.data.recolor_avoid,
-                       list(recipe.data.domains), recipe.init_from, recipe.optim.lr, recipe.trainer.max_steps, recipe.data.batch_size)
+                       list(recipe.data.domains), recipe.init_from, recipe.optim.lr, recipe.trainer.max_steps, recipe.data.batch_size,
+                       recipe.trainer.ema_decay, recipe.model.generator.cond_draft, recipe.model.generator.cond_draft_noise)
         # the history demo's model, on windows of a whole 3-round training episode of the practice world
         assert (recipe.data.rounds, recipe.model.llm.history_rounds, recipe.model.llm.previous_answer) == (3, 3, True)
         if stage == "polish":
@@ -203,10 +205,11 @@ def test_demo_practice_trains_on_the_practice_world_recolours_instruct_and_polis
     assert polish["lr"] != own.optim.lr and polish["batch_size"] != own.data.batch_size
     assert seen["align"][:6] == ("align", manifest, vocabulary, 0.0, [], [])
     assert seen["instruct"] == ("instruct", manifest, vocabulary, demo.PRACTICE["recolor"], [sand], [],
-                                str(tmp_path / "align.safetensors"), own.optim.lr, instruct_steps, own.data.batch_size)
+                                str(tmp_path / "align.safetensors"), own.optim.lr, instruct_steps, own.data.batch_size, 0.0, 0.0, 1.0)
     assert seen["polish"] == ("instruct", manifest, vocabulary, polish["recolor"], [sand], ["meadow", "space", "ocean", "desert"],
                               str(tmp_path / "instruct.safetensors"), polish["lr"], round(instruct_steps * polish["share"]),
-                              polish["batch_size"])
+                              polish["batch_size"], polish["ema_decay"], polish["draft"], polish["draft_noise"])
+    assert 0 < polish["ema_decay"] < 1 and polish["draft"] > 0 and polish["draft_noise"] < 1
     assert not set(seen["polish"][5]) & set(PRACTICE_DOMAINS)
     assert main(["demo", "--history", "--practice"]) == 2
     assert "choose one" in capsys.readouterr().err

@@ -55,8 +55,12 @@ HISTORY = {"manifest": "data_manifests/world-history.yaml", "shards": "data/worl
 # domains alone (data.domains) with `recolor` of the clips recoloured, at learning rate `lr` and
 # `batch_size` episodes a step, for `share` of the instruct stage's steps: the practice domains and
 # recoloured clips teach the transfer, the polish gives the scored domains back what sharing the model
-# with them cost, and its recoloured clips keep the transfer (docs/demo-model.md, "Polish").
-POLISH = {"share": 0.25, "lr": 1.0e-3, "recolor": 0.2, "batch_size": 6}
+# with them cost, and its recoloured clips keep the transfer (docs/demo-model.md, "Polish"). Each round
+# after a window's first is given the generator's own low-noise draft of the round before (`draft`,
+# `draft_noise`: generator.cond_draft, cond_draft_noise), so the rims a rollout hands on are repaired,
+# not compounded, and the model written is the average of the polish's weights (`ema_decay`:
+# trainer.ema_decay; docs/demo-model.md, "Drafts").
+POLISH = {"share": 0.25, "lr": 1.0e-3, "recolor": 0.35, "batch_size": 6, "ema_decay": 0.998, "draft": 1.0, "draft_noise": 0.1}
 
 # `demo --practice`: the world with its training-only practice domains (`counts["practice"]` episodes
 # each, about 30% of the training stream) and the instruct stage shown half its clips recoloured
@@ -89,7 +93,8 @@ def practice_overrides(stage: str, instruct_steps: int) -> list[str]:
         return recolor
     steps = max(1, round(instruct_steps * polish["share"]))
     return [*recolor, f"data.domains=[{','.join(DOMAINS)}]", f"optim.lr={polish['lr']}",
-            f"data.batch_size={polish['batch_size']}", f"trainer.max_steps={steps}"]
+            f"data.batch_size={polish['batch_size']}", f"trainer.max_steps={steps}", f"trainer.ema_decay={polish['ema_decay']}",
+            f"model.generator.cond_draft={polish['draft']}", f"model.generator.cond_draft_noise={polish['draft_noise']}"]
 
 
 def build_world(manifest: str = MANIFEST, shards: str = SHARDS) -> None:
