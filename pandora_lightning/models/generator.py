@@ -94,7 +94,7 @@ class GeneratorConfig:
     # given frames the generator's own draft of the round before (its x0 prediction from one noise
     # level, drawn uniformly from the lowest `cond_draft_noise` share of the schedule; no gradient)
     # instead of the real frames, so training sees the rims and colours a rollout hands on, and
-    # learns to repair them (0: off; docs/demo-model.md, "Own drafts as given frames"). At low noise
+    # learns to repair them (0: off; docs/demo-model.md, "Drafts"). At low noise
     # a draft keeps the state (where the object is, its size) and errs in the detail, as a rollout's
     # rounds do; from high noise it errs in the state too, and the model learns to pull sizes back.
     # Like cond_blur, a pretrained family ignores them.

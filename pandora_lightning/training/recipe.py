@@ -121,7 +121,7 @@ class TrainerConfig:
     # random state); "last" = this run's checkpoints/last.ckpt.
     resume_from: str | None = None
     # An exponential moving average of the trained weights, decay per optimizer step (0: off); the final
-    # model file holds the average (training/ema.py; docs/demo-model.md, "An average of the weights").
+    # model file holds the average (training/ema.py; docs/demo-model.md, "Drafts").
     ema_decay: float = 0.0
 
     def __post_init__(self):
