@@ -20,20 +20,25 @@ class KeyRecorder(L.Callback):
         self.keys.append(list(batch["key"]))
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every fit in the test gets a KeyRecorder; returns the recorders in order."""
+def attach_to_every_fit(monkeypatch, callback_cls) -> list:
+    """Every fit in the test gets a fresh callback_cls(); returns them in order."""
     recorders = []
     build = train.build_trainer
 
     def build_with_recorder(*args, **kwargs):
         trainer = build(*args, **kwargs)
-        recorders.append(KeyRecorder())
+        recorders.append(callback_cls())
         trainer.callbacks.append(recorders[-1])
         return trainer
 
     monkeypatch.setattr(train, "build_trainer", build_with_recorder)
     return recorders
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every fit in the test gets a KeyRecorder; returns the recorders in order."""
+    return attach_to_every_fit(monkeypatch, KeyRecorder)
 
 
 @pytest.fixture
@@ -96,16 +101,7 @@ def test_the_model_file_holds_the_weight_average_and_a_resumed_run_keeps_it(worl
     through (from its start), and a run stopped and resumed writes the same file bit for bit."""
     from safetensors.torch import load_file
 
-    recorders = []
-    build = train.build_trainer
-
-    def build_with_recorder(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        recorders.append(WeightRecorder())
-        trainer.callbacks.append(recorders[-1])
-        return trainer
-
-    monkeypatch.setattr(train, "build_trainer", build_with_recorder)
+    recorders = attach_to_every_fit(monkeypatch, WeightRecorder)
     common = ["data.epoch_samples=6", "trainer.checkpoint_every_n_steps=2", "init_from=null", "trainer.ema_decay=0.5"]
     straight = load_file(train.fit(tiny_recipe("instruct", world_manifest, tmp_path / "straight", "trainer.max_steps=4", *common)))
     average = dict(recorders[0].weights[0])
