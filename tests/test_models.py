@@ -137,7 +137,7 @@ def test_sampler_timesteps_train_that_share_of_clips_at_the_levels_the_sampler_v
 
 
 @pytest.mark.parametrize("bad", [{"timestep_power": 0.0}, {"cond_noise": -0.1}, {"cond_blur": 1.5}, {"cond_blur": -0.1},
-                                 {"sampler_timesteps": 1.5}, {"cond_draft": 1.5}, {"cond_draft": -0.5},
+                                 {"sampler_timesteps": 1.5}, {"cond_draft": 1.5}, {"cond_draft": -0.5}, {"cond_draft_noise": 0.0},
                                  {"pretrained": "x", "family": "svd", "timestep_power": 2.0}])
 def test_tiny_noise_options_are_checked(bad):
     with pytest.raises(PandoraError, match="timestep_power|cond_blur|sampler_timesteps|cond_draft"):
@@ -181,14 +181,17 @@ def test_cond_blur_softens_edges_of_the_given_frames_only():
 @pytest.mark.parametrize("kind", ["sample", "epsilon", "v_prediction"])
 def test_draft_is_the_x0_prediction_for_every_prediction_type(kind):
     """A UNet that predicts its target exactly drafts the real clip back, whatever it predicts (x0, noise
-    or velocity): the draft turns each into x0. One that predicts a zero change drafts the last given frame."""
+    or velocity): the draft turns each into x0, from noise levels in the lowest cond_draft_noise share of the
+    schedule. One that predicts a zero change drafts the last given frame."""
     torch.manual_seed(0)
-    gen = build_generator(GeneratorConfig(prediction_type=kind))
+    gen = build_generator(GeneratorConfig(prediction_type=kind, cond_draft_noise=0.1))
+    levels = []
     frames = torch.rand(4, 6, 3, 32, 32) * 2 - 1
     x0 = gen.encode(frames) - gen.anchor(gen.encode(frames))
     ab_of = lambda t: gen.train_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
 
     def exact(noisy, t, cond, context):
+        levels.append(t)
         ab = ab_of(t)
         noise = (noisy - ab.sqrt() * x0) / (1 - ab).sqrt()
         return {"sample": x0, "epsilon": noise, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[kind]
@@ -197,6 +200,7 @@ def test_draft_is_the_x0_prediction_for_every_prediction_type(kind):
     draft = gen.draft(frames, torch.randn(4, 8, 64))
     assert torch.equal(draft[:, :2], frames[:, :2])  # the given frames are kept as they are
     torch.testing.assert_close(draft, frames, atol=2e-3, rtol=0)
+    assert 0 <= int(levels[0].min()) and int(levels[0].max()) < 100  # the lowest tenth of 1000 training levels
     if kind == "sample":
         gen.denoise = lambda noisy, t, cond, context: torch.zeros_like(noisy)
         torch.testing.assert_close(gen.draft(frames, torch.randn(4, 8, 64))[:, 2:], frames[:, 1:2].expand(-1, 4, -1, -1, -1))
